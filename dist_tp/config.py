@@ -1,0 +1,215 @@
+"""Typed run configuration: nested dataclasses filled from YAML plus dotted ``key=value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key; YAML is read with
+``yaml.safe_load`` and override values are parsed as YAML scalars, never ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key or file in the message."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared data folder (output of ``dist-tp prepare``), local path or fsspec URL."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sasrec"
+    """Backbone: one of ``sasrec``, ``gru4rec``, ``caser``, ``pop``."""
+    dim: int = 64
+    """Item embedding and sequence embedding size D."""
+    max_len: int = 50
+    """Window length L: the L most recent items form a window."""
+    dropout: float = 0.2
+    num_layers: int = 2
+    """SASRec: self-attention blocks; GRU4Rec: GRU layers."""
+    num_heads: int = 1
+    """SASRec attention heads."""
+    hidden_size: int = 64
+    """GRU4Rec hidden size (projected to ``dim`` when different)."""
+    caser_nh: int = 16
+    """Caser: horizontal filters per height."""
+    caser_nv: int = 4
+    """Caser: vertical filters."""
+    output_table: bool = False
+    """Score with a separate output item table + bias instead of the input table."""
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.max_len <= 0:
+            raise ConfigError("model.dim and model.max_len must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "joint"
+    """``joint`` (the baseline)."""
+    loss: str = "ce"
+    """``ce`` (softmax over all items) or ``bce`` (sampled negatives, the paper's)."""
+    num_negatives: int = 1
+    """Negatives per positive for ``bce``."""
+    epochs: int = 20
+    batch_size: int = 256
+    """Users per mini-batch (each contributes all of its windows)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this value; 0 disables."""
+    patience: int = 3
+    """Stop after this many evaluations without a better validation NDCG@10."""
+    eval_every: int = 1
+    """Validate every this many epochs."""
+    seed: int = 0
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "bce"):
+            raise ConfigError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.method not in ("joint",):
+            raise ConfigError(f"train.method must be 'joint', got {self.method!r}")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    exclude_history: bool = True
+    """Mask the items already in the user's input (never the target)."""
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints widen to floats, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp in (str, float) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = from_dict(tp, value or {}, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key!r}: cannot parse {text!r}: {exc}") from exc
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    return from_dict(Config, raw)

@@ -1,0 +1,76 @@
+"""Full-ranking evaluation metrics (HR@k, NDCG@k), batched over users.
+
+Every item is ranked, not a sampled subset. Ties count against the model: an item scored
+equal to the target is placed ahead of it, so a model that scores everything the same
+gets the worst rank instead of a lucky one. Metrics are returned as sums over users so
+that distributed workers can add them up before dividing by the total count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def ranks_from_scores(scores: Tensor, targets: Tensor, *, history: Tensor | None = None) -> Tensor:
+    """1-based rank of each user's target among all items.
+
+    Args:
+        scores: ``[B, N+1]`` item scores; column 0 is padding and is never ranked.
+        targets: ``[B]`` target ids in ``1..N``.
+        history: optional ``[B, L]`` item ids to exclude (0 entries are padding and
+            ignored). The target is never excluded, even when it appears in history.
+
+    Returns:
+        LongTensor ``[B]``: ``1 + #items scored above the target + #other items scored
+        equal to it``. A NaN target score gets the worst rank, ``N``.
+    """
+    if scores.dim() != 2 or targets.shape != (scores.shape[0],):
+        raise ValueError("expected scores [B, N+1] and targets [B]")
+    num_cols = scores.shape[1]
+    if targets.numel() and (targets.min() < 1 or targets.max() >= num_cols):
+        raise ValueError("targets must be item ids in 1..N")
+    masked = scores.clone()  # [B, N+1]
+    masked[:, 0] = float("-inf")
+    tgt = targets.unsqueeze(1)  # [B, 1]
+    tgt_score = masked.gather(1, tgt)  # [B, 1]
+    if history is not None:
+        masked.scatter_(1, history, float("-inf"))  # [B, N+1] (col 0 again for padding)
+        masked.scatter_(1, tgt, tgt_score)  # [B, N+1] target restored
+    # The target itself is counted by >=, supplying the leading 1.
+    ranks = (masked >= tgt_score).sum(1)  # [B]
+    worst = torch.full_like(ranks, num_cols - 1)  # [B]
+    return torch.where(torch.isnan(tgt_score.squeeze(1)), worst, ranks)  # [B]
+
+
+def metric_sums(ranks: Tensor, ks: list[int]) -> dict[str, float]:
+    """Sums over users of ``HR@k`` and ``NDCG@k`` for each k, plus ``count``.
+
+    ``HR@k = 1[rank <= k]`` and ``NDCG@k = 1[rank <= k] / log2(rank + 1)`` (one relevant
+    item, so the ideal DCG is 1). Sums, not means, so partial results from several
+    processes or batches can be added and divided once by :func:`finalize`.
+    """
+    ranks_f = ranks.to(torch.float64)  # [B]
+    gain = 1.0 / torch.log2(ranks_f + 1.0)  # [B]
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks_f <= k  # [B]
+        out[f"HR@{k}"] = float(hit.sum())
+        out[f"NDCG@{k}"] = float((gain * hit).sum())
+    out["count"] = float(ranks.numel())
+    return out
+
+
+def finalize(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Means from :func:`metric_sums` totals; ``count`` is the number of users.
+
+    The ``count`` entry itself is dropped. With no users every metric is 0.0 rather than
+    NaN, so an empty split still logs cleanly.
+    """
+    metrics = {k: v for k, v in sums.items() if k != "count"}
+    if count <= 0:
+        return {k: 0.0 for k in metrics}
+    return {k: v / count for k, v in metrics.items()}
+
+
+__all__ = ["finalize", "metric_sums", "ranks_from_scores"]

@@ -1,0 +1,192 @@
+"""Shared model parts: the item tables, the scorer, the training losses, and Popularity.
+
+Every backbone is a sequence encoder φ that maps a window of item ids to one vector; the
+:class:`Recommender` owns the item input table (which the encoder reads), optionally a
+separate output table with a per-item bias, and scores a sequence embedding against items
+by dot product. Keeping the scorer and losses here means all backbones are trained and
+evaluated the same way.
+
+Item ids are ``1..N``; id 0 is padding and every table has ``N + 1`` rows, row 0 zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dist_tp.config import ModelConfig
+
+LOSS_KINDS = ("ce", "bce")
+
+
+def sample_negatives(
+    pos: Tensor,
+    num_negatives: int,
+    num_items: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw ``num_negatives`` items per positive, uniform over ``1..N`` minus the positive.
+
+    Uses the shift trick rather than rejection: draw ``r`` uniform in ``1..N-1`` and map
+    ``r >= pos`` to ``r + 1``. That hits every item except ``pos`` with equal probability
+    in one vectorised pass, with no resampling loop.
+
+    Args:
+        pos: positive item ids ``[M]`` in ``1..num_items``.
+        num_negatives: negatives per positive, ``K >= 1``.
+        num_items: N, the number of real items (must be at least 2).
+        generator: optional RNG, for reproducible sampling.
+
+    Returns:
+        LongTensor ``[M, K]`` of negative ids, never equal to the row's positive.
+    """
+    if num_items < 2:
+        raise ValueError("sampling negatives needs at least 2 items")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    shape = (pos.shape[0], num_negatives)
+    r = torch.randint(1, num_items, shape, generator=generator, device=pos.device)  # [M, K]
+    return r + (r >= pos.unsqueeze(1)).long()  # [M, K] in 1..N, != pos
+
+
+class Recommender(nn.Module):
+    """A sequence encoder plus the item tables and the dot-product scorer.
+
+    The input table ``item_emb`` is shared with the encoder. Scoring uses that same table
+    (weight tying, fewer parameters) unless ``cfg.output_table`` is set, in which case a
+    separate output table and a per-item bias are learned.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_items: int, encoder_cls: type[nn.Module]) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_emb = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        self.encoder = encoder_cls(cfg, self.item_emb)
+        self.out_emb: nn.Embedding | None = None
+        self.out_bias: nn.Parameter | None = None
+        if cfg.output_table:
+            self.out_emb = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+            self.out_bias = nn.Parameter(torch.zeros(num_items + 1))
+        self.init_weights()
+
+    @property
+    def supports_all_positions(self) -> bool:
+        """Whether :meth:`encode_all` works (one pass yields every prefix window)."""
+        return bool(getattr(self.encoder, "supports_all_positions", False))
+
+    def init_weights(self) -> None:
+        """Small normal item tables (std 0.02) with a zero padding row; zero biases.
+
+        A small scale keeps initial logits near zero for both the softmax and the sigmoid
+        losses. Encoder-internal layers keep their own initialisation.
+        """
+        tables = [self.item_emb] + ([self.out_emb] if self.out_emb is not None else [])
+        with torch.no_grad():
+            for table in tables:
+                nn.init.normal_(table.weight, mean=0.0, std=0.02)
+                table.weight[0].zero_()
+            if self.out_bias is not None:
+                self.out_bias.zero_()
+
+    def _table(self) -> tuple[Tensor, Tensor | None]:
+        """The output item weights ``[N+1, D]`` and bias ``[N+1]`` (or None)."""
+        if self.out_emb is not None:
+            return self.out_emb.weight, self.out_bias
+        return self.item_emb.weight, None
+
+    def encode(self, seq: Tensor) -> Tensor:
+        """Sequence embedding of each left-padded window ``[B, L]`` -> ``[B, D]``."""
+        return self.encoder(seq)  # [B, D]
+
+    def encode_all(self, seq: Tensor) -> Tensor:
+        """Embeddings of every prefix window, ``[B, L]`` -> ``[B, L, D]``.
+
+        Position ``t`` holds φ of the window ending at ``t``; raises for encoders that
+        only see whole windows (Caser).
+        """
+        if not self.supports_all_positions:
+            name = type(self.encoder).__name__
+            raise NotImplementedError(f"{name} encodes whole windows only; use encode()")
+        return self.encoder.forward_all(seq)  # [B, L, D]
+
+    def score_items(self, emb: Tensor, items: Tensor) -> Tensor:
+        """Scores of chosen items: ``emb [..., D]`` against ``items [..., C]`` -> ``[..., C]``."""
+        weight, bias = self._table()
+        vecs = F.embedding(items, weight)  # [..., C, D]
+        scores = (vecs * emb.unsqueeze(-2)).sum(-1)  # [..., C]
+        if bias is not None:
+            scores = scores + bias[items]  # [..., C]
+        return scores
+
+    def score_all(self, emb: Tensor) -> Tensor:
+        """Scores of every item, ``emb [B, D]`` -> ``[B, N+1]``; column 0 is padding."""
+        weight, bias = self._table()
+        scores = emb @ weight.t()  # [B, N+1]
+        if bias is not None:
+            scores = scores + bias  # [B, N+1]
+        return scores
+
+    def loss(
+        self,
+        emb: Tensor,
+        pos: Tensor,
+        *,
+        kind: str,
+        num_negatives: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``.
+
+        ``ce``: softmax cross-entropy over the real items ``1..N`` (padding column left
+        out, so it never takes probability mass). ``bce``: sigmoid loss of the positive
+        against ``num_negatives`` uniform negatives per positive,
+        ``-log σ(s+) - Σ log(1 - σ(s-))``, averaged over positives.
+        """
+        if kind == "ce":
+            weight, bias = self._table()
+            logits = emb @ weight[1:].t()  # [M, N]
+            if bias is not None:
+                logits = logits + bias[1:]  # [M, N]
+            return F.cross_entropy(logits, pos - 1)
+        if kind == "bce":
+            neg = sample_negatives(pos, num_negatives, self.num_items, generator)  # [M, K]
+            items = torch.cat([pos.unsqueeze(1), neg], dim=1)  # [M, 1+K]
+            scores = self.score_items(emb, items)  # [M, 1+K]
+            # -log σ(s) = softplus(-s); -log(1 - σ(s)) = softplus(s): stable forms.
+            per_pos = F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(1)  # [M]
+            return per_pos.mean()
+        raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
+
+
+class Popularity(nn.Module):
+    """Most-popular baseline: every user gets the same scores, the training item counts.
+
+    It has no parameters; ``encode`` returns a dummy ``[B, 1]`` tensor so the evaluation
+    code that calls ``score_all(encode(seq))`` works unchanged.
+    """
+
+    supports_all_positions = False
+
+    def __init__(self, counts: np.ndarray | Tensor) -> None:
+        super().__init__()
+        counts_t = torch.as_tensor(np.asarray(counts), dtype=torch.float32)  # [N+1]
+        if counts_t.dim() != 1 or counts_t.shape[0] < 2:
+            raise ValueError("counts must be a 1-D array of length N + 1")
+        self.register_buffer("counts", counts_t)
+        self.num_items = counts_t.shape[0] - 1
+
+    def encode(self, seq: Tensor) -> Tensor:
+        """Dummy sequence embedding ``[B, 1]``; popularity ignores the history."""
+        return seq.new_zeros((seq.shape[0], 1), dtype=torch.float32)  # [B, 1]
+
+    def forward(self, seq: Tensor) -> Tensor:
+        return self.encode(seq)  # [B, 1]
+
+    def score_all(self, emb: Tensor) -> Tensor:
+        """The item counts repeated for each row: ``[B, ...]`` -> ``[B, N+1]`` float."""
+        return self.counts.unsqueeze(0).repeat(emb.shape[0], 1)  # [B, N+1]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment in .venv: idempotent and quiet.
+# Without a GPU, torch's CPU build (torch==2.13.0) is installed first so that the package's
+# `torch>=2.4` requirement is already met and no multi-GB CUDA build is downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.dist_tp-installed
+want=$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found; installing torch from the package index" >&2
+  else
+    echo "setup: no GPU; installing the CPU build torch==2.13.0" >&2
+    .venv/bin/pip install -q torch==2.13.0
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev]"
+echo "$want" > "$stamp"

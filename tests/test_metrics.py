@@ -1,0 +1,99 @@
+"""Full-ranking metrics against hand-computed ranks, masks, HR and NDCG values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dist_tp.metrics import finalize, metric_sums, ranks_from_scores
+
+
+def test_plain_ranks() -> None:
+    # Items 1..5; column 0 is padding and scored highest to check it is ignored.
+    scores = torch.tensor(
+        [
+            [9.0, 0.5, 0.4, 0.3, 0.2, 0.1],
+            [9.0, 0.5, 0.4, 0.3, 0.2, 0.1],
+            [9.0, 0.5, 0.4, 0.3, 0.2, 0.1],
+        ]
+    )
+    ranks = ranks_from_scores(scores, torch.tensor([1, 3, 5]))
+    assert ranks.tolist() == [1, 3, 5]
+    assert ranks.dtype == torch.long
+
+
+def test_ties_count_against_the_model() -> None:
+    constant = torch.zeros(2, 6)  # N = 5 items, all tied
+    assert ranks_from_scores(constant, torch.tensor([1, 4])).tolist() == [5, 5]
+    scores = torch.tensor([[0.0, 0.9, 0.5, 0.5, 0.5, 0.1]])
+    # Target 3 ties with items 2 and 4 and trails item 1: 1 + 1 + 2 = 4.
+    assert ranks_from_scores(scores, torch.tensor([3])).tolist() == [4]
+
+
+def test_history_mask() -> None:
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.6, 0.5]])
+    target = torch.tensor([4])
+    assert ranks_from_scores(scores, target).tolist() == [4]
+    # Items 1 and 2 are history: masked. 0 entries are padding.
+    history = torch.tensor([[0, 0, 1, 2]])
+    assert ranks_from_scores(scores, target, history=history).tolist() == [2]
+    # The target itself in history is never masked; item 3 is.
+    history = torch.tensor([[1, 4, 3, 2]])
+    assert ranks_from_scores(scores, target, history=history).tolist() == [1]
+
+
+def test_masked_items_do_not_tie_with_constant_target() -> None:
+    scores = torch.zeros(1, 6)
+    history = torch.tensor([[0, 1, 2, 3]])
+    # Masked items drop to -inf; target 5 ties only with item 4 -> rank 2.
+    assert ranks_from_scores(scores, torch.tensor([5]), history=history).tolist() == [2]
+
+
+def test_input_not_modified_and_bad_targets() -> None:
+    scores = torch.rand(2, 6)
+    before = scores.clone()
+    ranks_from_scores(scores, torch.tensor([1, 2]), history=torch.tensor([[1], [3]]))
+    assert torch.equal(scores, before)
+    with pytest.raises(ValueError):
+        ranks_from_scores(scores, torch.tensor([0, 2]))
+    with pytest.raises(ValueError):
+        ranks_from_scores(scores, torch.tensor([1, 6]))
+
+
+def test_nan_target_gets_worst_rank() -> None:
+    scores = torch.tensor([[0.0, float("nan"), 0.3, 0.2]])
+    assert ranks_from_scores(scores, torch.tensor([1])).tolist() == [3]
+
+
+def test_metric_sums_and_finalize() -> None:
+    ranks = torch.tensor([1, 3, 7])
+    sums = metric_sums(ranks, [1, 5])
+    assert sums["count"] == 3.0
+    assert sums["HR@1"] == 1.0
+    assert sums["NDCG@1"] == pytest.approx(1.0)
+    assert sums["HR@5"] == 2.0
+    assert sums["NDCG@5"] == pytest.approx(1.0 + 0.5)  # 1/log2(2) + 1/log2(4)
+    means = finalize(sums, sums["count"])
+    assert "count" not in means
+    assert means["HR@5"] == pytest.approx(2 / 3)
+    assert means["NDCG@5"] == pytest.approx(1.5 / 3)
+    big = metric_sums(ranks, [10])
+    assert big["NDCG@10"] == pytest.approx(1.0 + 0.5 + 1 / math.log2(8))
+
+
+def test_sums_add_across_parts() -> None:
+    ranks = torch.tensor([2, 1, 9, 4, 30])
+    whole = metric_sums(ranks, [5, 10])
+    a, b = metric_sums(ranks[:2], [5, 10]), metric_sums(ranks[2:], [5, 10])
+    added = {k: a[k] + b[k] for k in a}
+    assert added.keys() == whole.keys()
+    for k in whole:
+        assert added[k] == pytest.approx(whole[k])
+
+
+def test_finalize_with_no_users() -> None:
+    sums = metric_sums(torch.tensor([], dtype=torch.long), [1, 10])
+    assert sums["count"] == 0.0
+    assert finalize(sums, 0) == {"HR@1": 0.0, "NDCG@1": 0.0, "HR@10": 0.0, "NDCG@10": 0.0}
