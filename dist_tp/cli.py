@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dist_tp.config import ConfigError
 from dist_tp.data.errors import DataError
@@ -103,6 +104,41 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_tp.config import load_config
+    from dist_tp.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: pass data.path=DIR (a 'dist-tp prepare' output)")
+    out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
+    metrics = run_training(cfg, out, resume=args.resume)
+    print(format_metrics(metrics))
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dist_tp.checkpoint import write_json
+    from dist_tp.train import evaluate_run
+
+    metrics, folder = evaluate_run(args.run)
+    write_json(folder / "metrics.json", metrics)
+    print(format_metrics(metrics))
+    return 0
+
+
+def format_metrics(metrics: dict, ks: tuple[int, ...] = (10,)) -> str:
+    """A small table: rows role/group, columns HR@k and NDCG@k."""
+    lines = ["| users | group | n | " + " | ".join(f"HR@{k} | NDCG@{k}" for k in ks) + " |"]
+    lines.append("| --- " * (3 + 2 * len(ks)) + "|")
+    for role in ("existing", "new"):
+        for group, values in metrics.get(role, {}).items():
+            cells = " | ".join(f"{values[f'HR@{k}']:.4f} | {values[f'NDCG@{k}']:.4f}" for k in ks)
+            lines.append(f"| {role} | {group} | {values['users']} | {cells} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dist_tp.data.readers import FORMATS
 
@@ -131,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML file, e.g. configs/ml-100k/sasrec.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    p.add_argument("--output", help="run folder (default: runs/<config>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

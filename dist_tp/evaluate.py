@@ -1,0 +1,105 @@
+"""Full-ranking evaluation by user group: existing users (validation, test) and new users.
+
+Users are streamed from the prepared folder in batches; each batch is encoded, every item is
+scored, and hit/gain *sums* are accumulated per (split, role, group). Means are taken once at
+the end, so the result does not depend on the batching (nor, later, on how users are spread
+over processes: sums and counts add up, averages of averages would not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.examples import Queries, eval_queries
+from dist_tp.metrics import finalize, metric_sums, ranks_from_scores
+
+GROUPS = ("all", "head", "tail")
+# split → (role, offset of the target from the end of the sequence)
+SPLITS = {
+    "validation": (("existing", 2),),
+    "test": (("existing", 1), ("new", 1)),
+}
+
+
+@torch.no_grad()
+def _rank(model, q: Queries, *, exclude_history: bool, chunk: int) -> torch.Tensor:
+    ranks = []
+    for lo in range(0, len(q.targets), chunk):
+        inputs = torch.from_numpy(q.inputs[lo : lo + chunk])  # [B, L]
+        scores = model.score_all(model.encode(inputs))  # [B, N+1]
+        history = torch.from_numpy(q.history[lo : lo + chunk]) if exclude_history else None
+        targets = torch.from_numpy(q.targets[lo : lo + chunk])  # [B]
+        ranks.append(ranks_from_scores(scores, targets, history=history))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def _add(acc: dict, sums: dict) -> None:
+    for k, v in sums.items():
+        acc[k] = acc.get(k, 0.0) + float(v)
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model,
+    path: str,
+    *,
+    max_len: int,
+    ks: Sequence[int],
+    exclude_history: bool = True,
+    batch_size: int = 512,
+    splits: Sequence[str] = ("validation", "test"),
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """{split: {role: {group: {"HR@k": sum, "NDCG@k": sum, "count": n}}}} for this rank's users."""
+    was_training = model.training
+    model.eval()
+    acc: dict = {s: {role: {g: {} for g in GROUPS} for role, _ in SPLITS[s]} for s in splits}
+    stream = UserStream(
+        path,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        batch_rows=batch_size,
+        columns=["user", "role", "is_head", "items"],
+    )
+    try:
+        for batch in stream:
+            seqs = to_sequences(batch)
+            for split in splits:
+                for role, offset in SPLITS[split]:
+                    members = seqs.is_new == (role == "new")
+                    if not members.any():
+                        continue
+                    q = eval_queries(seqs.select(members), max_len=max_len, offset=offset)
+                    ranks = _rank(model, q, exclude_history=exclude_history, chunk=batch_size)
+                    head = torch.from_numpy(q.is_head)
+                    for group, mask in (("all", None), ("head", head), ("tail", ~head)):
+                        r = ranks if mask is None else ranks[mask]
+                        _add(acc[split][role][group], metric_sums(r, list(ks)))
+    finally:
+        model.train(was_training)
+    return acc
+
+
+def finalize_sums(acc: dict) -> dict:
+    """Sums → means, same nesting; ``count`` kept as ``users``."""
+    out: dict = {}
+    for split, roles in acc.items():
+        out[split] = {}
+        for role, groups in roles.items():
+            out[split][role] = {}
+            for group, sums in groups.items():
+                count = sums.get("count", 0.0)
+                values = finalize({k: v for k, v in sums.items() if k != "count"}, count)
+                values["users"] = int(count)
+                out[split][role][group] = values
+    return out
+
+
+def evaluate(model, path: str, **kwargs) -> dict:
+    """Means per split/role/group for all users of ``path`` (single process)."""
+    return finalize_sums(evaluation_sums(model, path, **kwargs))

@@ -1,0 +1,107 @@
+"""User sequences → model inputs: training rows and evaluation queries (numpy, vectorised).
+
+Leave-last-out for an existing user with items s_1..s_n: s_n is the test target, s_{n-1} the
+validation target, s_1..s_{n-2} the training items. The training task of the user is every
+(window → next item) pair: for each t = 2..n-2 the window of the (up to) L items before s_t.
+
+Rows, not windows, are what the encoder sees. A row is a left-padded input [L] with a target
+per position (0 = no target):
+- with an encoder that outputs every position (``forward_all``), the user's first row is
+  s_1..s_L with targets s_2..s_{L+1}: its L outputs are exactly the first L windows, because
+  each of them starts at s_1. Each later target t > L+1 needs a full L-item window starting
+  after s_1 and gets a row of its own, with only its last position as target.
+- with a whole-window encoder (Caser) every window is its own row.
+Either way the set of (window → next item) examples is exactly the paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_tp.data.stream import UserSequences, concat_ranges
+
+
+@dataclass
+class Rows:
+    """Training rows: ``inputs`` [R, L] left-padded, ``targets`` [R, L] (0 = none)."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def windows(self) -> np.ndarray:
+        """Number of (window → next item) examples in each row, [R]."""
+        return (self.targets > 0).sum(1)
+
+
+def _windows(flat: np.ndarray, ends: np.ndarray, starts: np.ndarray, max_len: int) -> np.ndarray:
+    """Left-padded windows ``flat[max(start, end-L):end]`` for each (start, end) → [R, L]."""
+    cols = np.arange(-max_len, 0)  # [L]
+    idx = ends[:, None] + cols[None, :]  # [R, L]
+    valid = idx >= starts[:, None]
+    out = np.where(valid, flat[np.clip(idx, 0, None)], 0)
+    return out.astype(np.int64)
+
+
+def training_rows(
+    seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int = 2
+) -> Rows:
+    """All training rows of ``seqs`` (existing users; the last ``holdout`` items held out)."""
+    flat = np.concatenate([seqs.items.astype(np.int64), [0]])
+    starts = seqs.offsets[:-1]
+    n_train = np.maximum(seqs.lengths - holdout, 0)  # [U] training items per user
+    # target positions (absolute indices into flat) of every window: s_2..s_{n_train}
+    n_targets = np.maximum(n_train - 1, 0)
+    user_of = np.repeat(np.arange(len(seqs)), n_targets)
+    first_target = starts + 1
+    target_pos = first_target[user_of] + concat_ranges(n_targets)  # [W]
+    if not all_positions:
+        inputs = _windows(flat, target_pos, starts[user_of], max_len)
+        targets = np.zeros_like(inputs)
+        targets[:, -1] = flat[target_pos]
+        return Rows(inputs, targets)
+    # first row per user: inputs s_1..s_m, targets s_2..s_{m+1}, m = min(L, n_train - 1)
+    m = np.minimum(n_targets, max_len)
+    has = m > 0
+    head_in = _windows(flat, (starts + m)[has], starts[has], max_len)
+    head_tg = _windows(flat, (starts + m + 1)[has], (starts + 1)[has], max_len)
+    # later targets (index >= L+1 within the user) each get a full window
+    later = target_pos - starts[user_of] > max_len
+    tail_in = _windows(flat, target_pos[later], starts[user_of][later], max_len)
+    tail_tg = np.zeros_like(tail_in)
+    tail_tg[:, -1] = flat[target_pos[later]]
+    return Rows(np.concatenate([head_in, tail_in]), np.concatenate([head_tg, tail_tg]))
+
+
+@dataclass
+class Queries:
+    """Evaluation queries: model input [B, L], target [B], full history before it [B, H]."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    history: np.ndarray
+    is_head: np.ndarray
+    user: np.ndarray
+
+
+def eval_queries(seqs: UserSequences, *, max_len: int, offset: int) -> Queries:
+    """Predict each user's item at position ``n - offset`` (1 = last, 2 = second-to-last)
+    from the items before it; the history mask covers all of those items."""
+    flat = np.concatenate([seqs.items.astype(np.int64), [0]])
+    starts = seqs.offsets[:-1]
+    target_pos = seqs.offsets[1:] - offset
+    ok = target_pos > starts  # at least one input item
+    target_pos, starts = target_pos[ok], starts[ok]
+    hist_len = int((target_pos - starts).max()) if len(target_pos) else 1
+    return Queries(
+        inputs=_windows(flat, target_pos, starts, max_len),
+        targets=flat[target_pos],
+        history=_windows(flat, target_pos, starts, max(hist_len, 1)),
+        is_head=seqs.is_head[ok],
+        user=seqs.user[ok],
+    )

@@ -1,0 +1,259 @@
+"""Joint training (the paper's backbones without TP) and the run folder it writes.
+
+One epoch streams the existing users' tasks from the prepared folder in pools of users; each
+pool's rows are shuffled and packed into mini-batches of about ``batch_size`` windows, so a
+mini-batch mixes users. Validation NDCG@10 after each epoch drives early stopping; the best
+model is kept and finally evaluated on the test targets of existing and new users.
+
+Run folder: ``config.yaml`` (resolved), ``checkpoint.pt`` (best model), ``last.pt`` (resume
+point), ``history.json`` (per-epoch figures) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from dist_tp.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+    write_text,
+)
+from dist_tp.config import Config, to_dict
+from dist_tp.data.stream import (
+    UserStream,
+    concat_ranges,
+    load_sequences,
+    open_prepared,
+    to_sequences,
+)
+from dist_tp.evaluate import evaluate
+from dist_tp.examples import Rows, training_rows
+from dist_tp.models import Popularity, build_model
+
+log = logging.getLogger(__name__)
+POOL_USERS = 512  # users whose rows are shuffled together before batching
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
+def build(cfg: Config, num_items: int, path: str):
+    """The model named by the config; popularity is counted from the training items."""
+    if cfg.model.name == "pop":
+        seqs = load_sequences(path, roles=["existing"])
+        position = concat_ranges(seqs.lengths)  # [nnz] index within the user
+        is_train = position < np.repeat(seqs.lengths - 2, seqs.lengths)  # leave-last-two-out
+        counts = np.bincount(seqs.items[is_train], minlength=num_items + 1)
+        return Popularity(counts)
+    return build_model(cfg.model, num_items)
+
+
+def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[Rows]:
+    """Shuffle rows and pack them into mini-batches of about ``batch_size`` windows."""
+    order = rng.permutation(len(rows))
+    windows = rows.windows[order]
+    batch_id = (np.cumsum(windows) - 1) // batch_size
+    bounds = np.flatnonzero(np.diff(batch_id)) + 1
+    for chunk in np.split(order, bounds):
+        yield Rows(rows.inputs[chunk], rows.targets[chunk])
+
+
+def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    inputs = torch.from_numpy(rows.inputs)  # [R, L]
+    targets = torch.from_numpy(rows.targets)  # [R, L]
+    if model.supports_all_positions:
+        mask = targets > 0  # [R, L]
+        emb = model.encode_all(inputs)[mask]  # [M, D]
+        pos = targets[mask]  # [M]
+    else:
+        emb = model.encode(inputs)  # [R, D]
+        pos = targets[:, -1]  # [R]
+    return model.loss(
+        emb, pos, kind=cfg.train.loss, num_negatives=cfg.train.num_negatives, generator=generator
+    )
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    windows: int
+    seconds: float
+
+
+def train_epoch(model, opt, stream: UserStream, cfg: Config, epoch: int, gen) -> EpochStats:
+    model.train()
+    stream.set_epoch(epoch)
+    total, count, windows, started = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not cfg.train.progress, leave=False)
+    for pool_index, batch in enumerate(stream):
+        rows = training_rows(
+            to_sequences(batch),
+            max_len=cfg.model.max_len,
+            all_positions=model.supports_all_positions,
+        )
+        rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
+        for mb in batches(rows, cfg.train.batch_size, rng):
+            loss = batch_loss(model, mb, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            n = int(mb.windows.sum())
+            total, count, windows = total + loss.item() * n, count + n, windows + n
+            bar.update(n)
+            rate = windows / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
+    bar.close()
+    return EpochStats(total / max(count, 1), windows, time.perf_counter() - started)
+
+
+def _eval_kwargs(cfg: Config) -> dict:
+    return {
+        "max_len": cfg.model.max_len,
+        "ks": cfg.eval.ks,
+        "exclude_history": cfg.eval.exclude_history,
+        "batch_size": cfg.eval.batch_size,
+    }
+
+
+def _final_metrics(model, cfg: Config) -> dict:
+    result = evaluate(model, cfg.data.path, **_eval_kwargs(cfg))
+    test = result["test"]
+    return {**test, "validation": result["validation"]}
+
+
+def run_training(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
+    """Train (or count, for popularity), evaluate, and write the run folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    set_seed(cfg.train.seed)
+    prepared = open_prepared(cfg.data.path)
+    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model = build(cfg, prepared.num_items, cfg.data.path)
+    history: list[dict] = []
+    if isinstance(model, Popularity):
+        metrics = _final_metrics(model, cfg)
+        save_checkpoint(out / "checkpoint.pt", _ckpt(model, None, cfg, 0, history))
+    else:
+        metrics = _fit(model, cfg, out, history, resume)
+    metrics["dataset"] = {"path": cfg.data.path, "sha256": prepared.meta["source"]["sha256"]}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _ckpt(model, opt, cfg: Config, epoch: int, history: list, **extra) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": None if opt is None else opt.state_dict(),
+        "config": to_dict(cfg),
+        "epoch": epoch,
+        "history": history,
+        "rng": rng_state(),
+        **extra,
+    }
+
+
+def _fit(model, cfg: Config, out: Path, history: list, resume: bool) -> dict:
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    stream = UserStream(
+        cfg.data.path,
+        roles=["existing"],
+        seed=cfg.train.seed,
+        batch_rows=POOL_USERS,
+        columns=["user", "role", "is_head", "items"],
+    )
+    start, best, since_best = 0, -math.inf, 0
+    if resume and (out / "last.pt").is_file():
+        state = load_checkpoint(out / "last.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        history[:] = state["history"]
+        start, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
+        log.info("resumed from %s at epoch %d", out / "last.pt", start)
+    for epoch in range(start, cfg.train.epochs):
+        stats = train_epoch(model, opt, stream, cfg, epoch, gen)
+        record = {
+            "epoch": epoch,
+            "loss": stats.loss,
+            "windows": stats.windows,
+            "windows_per_s": stats.windows / stats.seconds,
+        }
+        validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+        if validate:
+            t0 = time.perf_counter()
+            val = evaluate(model, cfg.data.path, splits=("validation",), **_eval_kwargs(cfg))
+            ndcg = val["validation"]["existing"]["all"]["NDCG@10"]
+            record.update(valid_ndcg10=ndcg, eval_seconds=time.perf_counter() - t0)
+            record["valid_hr10"] = val["validation"]["existing"]["all"]["HR@10"]
+            if ndcg > best:
+                best, since_best = ndcg, 0
+                save_checkpoint(out / "checkpoint.pt", _ckpt(model, None, cfg, epoch, history))
+            else:
+                since_best += 1
+        history.append(record)
+        log.info(
+            "epoch %d  loss %.4f  %s windows/s%s",
+            epoch,
+            stats.loss,
+            f"{record['windows_per_s']:,.0f}",
+            f"  valid NDCG@10 {record['valid_ndcg10']:.4f}" if validate else "",
+        )
+        write_json(out / "history.json", history)
+        extra = {"best": best, "since_best": since_best, "generator": gen.get_state()}
+        save_checkpoint(out / "last.pt", _ckpt(model, opt, cfg, epoch, history, **extra))
+        if validate and since_best >= cfg.train.patience:
+            log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)
+            break
+    if (out / "checkpoint.pt").is_file():
+        model.load_state_dict(load_checkpoint(out / "checkpoint.pt")["model"])
+    return _final_metrics(model, cfg)
+
+
+def evaluate_run(path: str | Path) -> tuple[dict, Path]:
+    """Recompute a run's metrics from its checkpoint: (metrics, run folder)."""
+    model, cfg = load_run(path)
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    metrics = _final_metrics(model, cfg)
+    metrics["dataset"] = {
+        "path": cfg.data.path,
+        "sha256": open_prepared(cfg.data.path).meta["source"]["sha256"],
+    }
+    return metrics, folder
+
+
+def load_run(path: str | Path):
+    """(model, config) from a run folder or a checkpoint file."""
+    from dist_tp.config import Config, from_dict
+
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    state = load_checkpoint(ckpt_path)
+    cfg = from_dict(Config, state["config"])
+    prepared = open_prepared(cfg.data.path)
+    model = build(cfg, prepared.num_items, cfg.data.path)
+    if not isinstance(model, Popularity):
+        model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg

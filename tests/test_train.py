@@ -1,0 +1,181 @@
+"""Configs, training rows, the joint trainer, evaluation output, the CLI and recommend()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_tp.cli import main
+from dist_tp.config import ConfigError, load_config
+from dist_tp.data.stream import UserSequences, load_sequences
+from dist_tp.examples import eval_queries, training_rows
+from dist_tp.train import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny(prepared, *overrides: str):
+    return load_config(TINY, [f"data.path={prepared('ml-100k')}", *overrides])
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_unknown_key_and_wrong_type_are_named():
+    with pytest.raises(ConfigError, match="'train.epoch'"):
+        load_config(TINY, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(TINY, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match="model.dropout"):
+        load_config(TINY, ["model.dropout=high"])
+    cfg = load_config(TINY, ["train.lr=1", "eval.ks=[1,2]", "data.path=x"])
+    assert cfg.train.lr == 1.0 and cfg.eval.ks == [1, 2] and cfg.data.path == "x"
+
+
+def test_every_shipped_config_loads():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) >= 21
+    for path in files:
+        if "deepspeed" in path.parts:
+            continue
+        load_config(path)
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _brute_force_windows(seq: list[int], max_len: int) -> set[tuple]:
+    train = seq[:-2]
+    return {(tuple(train[max(0, t - max_len) : t]), train[t]) for t in range(1, len(train))}
+
+
+def _rows_to_windows(rows, all_positions: bool) -> set[tuple]:
+    out = set()
+    for inp, tgt in zip(rows.inputs, rows.targets):
+        for j in np.flatnonzero(tgt):
+            window = inp[: j + 1] if all_positions else inp
+            out.add((tuple(int(x) for x in window if x), int(tgt[j])))
+    return out
+
+
+@pytest.mark.parametrize("all_positions", [True, False])
+def test_training_rows_are_exactly_the_papers_windows(all_positions):
+    rng = np.random.default_rng(0)
+    lengths = [3, 4, 7, 12, 25]
+    # distinct items per user so each (window, target) pair is unique
+    items = [rng.choice(np.arange(1, 500), n, replace=False) for n in lengths]
+    seqs = UserSequences(
+        user=np.arange(1, 6, dtype=np.int32),
+        is_new=np.zeros(5, bool),
+        is_head=np.zeros(5, bool),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        items=np.concatenate(items).astype(np.int32),
+    )
+    rows = training_rows(seqs, max_len=5, all_positions=all_positions)
+    expected = set().union(*(_brute_force_windows(list(s), 5) for s in items))
+    assert _rows_to_windows(rows, all_positions) == expected
+    assert rows.windows.sum() == sum(max(n - 3, 0) for n in lengths)
+
+
+def test_eval_queries_use_the_items_before_the_target():
+    seqs = UserSequences(
+        np.array([1], np.int32),
+        np.zeros(1, bool),
+        np.array([True]),
+        np.array([0, 6]),
+        np.array([9, 8, 7, 6, 5, 4], np.int32),
+    )
+    val = eval_queries(seqs, max_len=3, offset=2)
+    test = eval_queries(seqs, max_len=3, offset=1)
+    assert val.inputs.tolist() == [[8, 7, 6]] and val.targets.tolist() == [5]
+    assert test.inputs.tolist() == [[7, 6, 5]] and test.targets.tolist() == [4]
+    assert sorted(test.history[0].tolist()) == [5, 6, 7, 8, 9]
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def pop_metrics(prepared, tmp_path_factory):
+    cfg = tiny(prepared, "model.name=pop")
+    return run_training(cfg, tmp_path_factory.mktemp("pop"))
+
+
+def test_metrics_json_shape(prepared, pop_metrics, tmp_path):
+    ks = [1, 5, 10]
+    for role in ("existing", "new"):
+        for group in ("all", "head", "tail"):
+            assert set(pop_metrics[role][group]) == {
+                *(f"HR@{k}" for k in ks),
+                *(f"NDCG@{k}" for k in ks),
+                "users",
+            }
+    assert pop_metrics["existing"]["all"]["users"] == 754
+    assert pop_metrics["new"]["all"]["users"] == 189
+    head, tail = pop_metrics["new"]["head"]["users"], pop_metrics["new"]["tail"]["users"]
+    assert (head, tail) == (38, 151)
+    assert set(pop_metrics["validation"]) == {"existing"}
+
+
+@pytest.mark.parametrize(
+    "backbone,overrides",
+    [
+        ("sasrec", ["train.epochs=2"]),
+        ("gru4rec", ["model.dim=32", "train.epochs=3"]),
+        ("caser", ["model.dim=32", "train.epochs=3"]),
+    ],
+)
+def test_short_run_beats_popularity(prepared, pop_metrics, tmp_path, backbone, overrides):
+    cfg = tiny(prepared, f"model.name={backbone}", *overrides)
+    metrics = run_training(cfg, tmp_path)
+    assert metrics["existing"]["all"]["HR@10"] > pop_metrics["existing"]["all"]["HR@10"]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "checkpoint.pt", "last.pt", "metrics.json", "history.json"} <= files
+
+
+def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
+    cfg = tiny(prepared, "train.epochs=2", "train.loss=bce", "train.patience=9")
+    a = run_training(cfg, tmp_path / "a")
+    b = run_training(cfg, tmp_path / "b")
+    assert a == {**b, "dataset": a["dataset"]}
+    # one epoch, then resume for the second: same result as two epochs in one go
+    run_training(tiny(prepared, "train.epochs=1", "train.loss=bce"), tmp_path / "c")
+    c = run_training(cfg, tmp_path / "c", resume=True)
+    assert c["existing"] == a["existing"] and c["new"] == a["new"]
+    other = run_training(tiny(prepared, "train.epochs=2", "train.seed=7"), tmp_path / "d")
+    assert other["existing"] != a["existing"]
+
+
+def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(TINY), f"data.path={prepared('ml-100k')}", "train.epochs=1"]
+    assert main([*args, "--output", str(out)]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    assert main(["evaluate", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == first
+    assert "| existing | all | 754 |" in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    assert main(["train", str(TINY), "train.bogus=1"]) == 2
+    assert "unknown config key 'train.bogus'" in capsys.readouterr().err
+    assert main(["train", str(TINY)]) == 2
+    assert "data.path is not set" in capsys.readouterr().err
+
+
+def test_recommend_any_sequence(prepared, tmp_path):
+    from dist_tp.recommend import Predictor
+
+    run_training(tiny(prepared, "train.epochs=1"), tmp_path)
+    predictor = Predictor.from_run(tmp_path)
+    seqs = load_sequences(prepared("ml-100k"), roles=["new"])
+    history = [predictor.original[i - 1] for i in seqs.items[: seqs.offsets[1]]]
+    top = predictor.recommend(history, n=10)
+    assert len(top) == 10 and len(set(top)) == 10
+    assert not set(top) & set(history)
+    assert len(predictor.recommend(["no-such-item"], n=5)) == 5
