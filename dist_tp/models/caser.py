@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
+from dist_tp.models.tables import share_table
 
 _GROUP = 10
 """Heights per fused convolution; about 10 balances call count against wasted rows."""
@@ -69,7 +70,7 @@ class Caser(nn.Module):
 
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding) -> None:
         super().__init__()
-        self.item_emb = item_emb
+        share_table(self, item_emb)
         self.max_len = length = cfg.max_len
         dim = cfg.dim
         self.groups = nn.ModuleList(

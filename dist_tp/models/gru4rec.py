@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
+from dist_tp.models.tables import share_table
 
 
 def _alignment(seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,7 +47,7 @@ class GRU4Rec(nn.Module):
 
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding) -> None:
         super().__init__()
-        self.item_emb = item_emb
+        share_table(self, item_emb)
         self.dropout = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(
             input_size=cfg.dim,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
+from dist_tp.models.tables import share_table
 
 
 class _Block(nn.Module):
@@ -71,7 +72,7 @@ class SASRec(nn.Module):
 
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding) -> None:
         super().__init__()
-        self.item_emb = item_emb
+        share_table(self, item_emb)
         self.max_len = cfg.max_len
         self.scale = math.sqrt(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
@@ -96,9 +97,9 @@ class SASRec(nn.Module):
         causal = offsets >= 0  # [L, L]
         real_key = (seq != 0).view(seq.shape[0], 1, 1, length)  # [B, 1, 1, L]
         allowed = causal & (real_key | torch.eye(length, dtype=torch.bool, device=seq.device))
-        dtype = self.item_emb.weight.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=seq.device)  # [B, 1, L, L]
-        mask.masked_fill_(~allowed, float("-inf"))
+        zero = torch.zeros((), dtype=self.item_emb.weight.dtype, device=seq.device)
+        # out of place (torch.where), so the encoder also runs under torch.func.vmap
+        mask = torch.where(allowed, zero, float("-inf"))  # [B, 1, L, L]
         return mask, offsets.clamp(min=0)
 
     def forward_all(self, seq: Tensor) -> Tensor:

@@ -103,6 +103,10 @@ class Recommender(nn.Module):
         """Sequence embedding of each left-padded window ``[B, L]`` -> ``[B, D]``."""
         return self.encoder(seq)  # [B, D]
 
+    def forward(self, seq: Tensor) -> Tensor:
+        """Same as :meth:`encode` (what ``torch.func.functional_call`` runs)."""
+        return self.encode(seq)  # [B, D]
+
     def encode_all(self, seq: Tensor) -> Tensor:
         """Embeddings of every prefix window, ``[B, L]`` -> ``[B, L, D]``.
 

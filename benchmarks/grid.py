@@ -1,0 +1,137 @@
+"""Run a grid of training runs (one at a time) and summarise them as mean ± std over seeds.
+
+    .venv/bin/python benchmarks/grid.py run --out results/joint --data-root data \\
+        --datasets amazon-music,ml-1m --backbones sasrec,gru4rec --losses ce,bce \\
+        --seeds 0,1,2 --epochs amazon-music=30,ml-1m=8 --threads 1
+    .venv/bin/python benchmarks/grid.py summary results/joint
+
+Each run is ``dist-tp train configs/<dataset>/<backbone>.yaml`` with the given overrides into
+``OUT/<dataset>/<backbone>-<loss>/seed<k>``; a finished run (metrics.json present) is skipped,
+so an interrupted grid resumes. Every run is also evaluated with ``eval.exclude_history``
+off (``metrics_nohist.json``), from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dist_tp.checkpoint import write_json
+from dist_tp.config import load_config
+from dist_tp.evaluate import evaluate
+from dist_tp.train import load_run, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pairs(text: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in text.split(",") if p) if text else {}
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    epochs = _pairs(args.epochs)
+    extra = args.override or []
+    for dataset in args.datasets.split(","):
+        for backbone in args.backbones.split(","):
+            for loss in args.losses.split(","):
+                for seed in args.seeds.split(","):
+                    folder = Path(args.out) / dataset / f"{backbone}-{loss}" / f"seed{seed}"
+                    if (folder / "metrics_nohist.json").is_file():
+                        continue
+                    overrides = [
+                        f"data.path={args.data_root}/{dataset}",
+                        f"train.loss={loss}",
+                        f"train.seed={seed}",
+                        "train.progress=false",
+                        *extra,
+                    ]
+                    if dataset in epochs:
+                        overrides.append(f"train.epochs={epochs[dataset]}")
+                    cfg = load_config(REPO / "configs" / dataset / f"{backbone}.yaml", overrides)
+                    t0 = time.perf_counter()
+                    run_training(cfg, folder)
+                    model, cfg = load_run(folder)
+                    nohist = evaluate(
+                        model,
+                        cfg.data.path,
+                        max_len=cfg.model.max_len,
+                        ks=cfg.eval.ks,
+                        exclude_history=False,
+                        splits=("test",),
+                    )["test"]
+                    nohist["seconds"] = time.perf_counter() - t0
+                    write_json(folder / "metrics_nohist.json", nohist)
+                    print(f"done {folder} in {nohist['seconds']:.0f}s", flush=True)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summary(args: argparse.Namespace) -> None:
+    root = Path(args.root)
+    print(
+        "| data | model-loss | seeds | epochs run | existing HR@10 | existing NDCG@10 | "
+        "new HR@10 | new NDCG@10 | existing tail HR@10 | new tail HR@10 | "
+        "existing HR@10, no history mask |"
+    )
+    print("| --- " * 11 + "|")
+    for variant in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        runs = sorted(variant.glob("seed*/metrics_nohist.json"))
+        if not runs:
+            continue
+        ms = [json.loads((r.parent / "metrics.json").read_text()) for r in runs]
+        nh = [json.loads(r.read_text()) for r in runs]
+        hist = [json.loads((r.parent / "history.json").read_text()) for r in runs]
+
+        def col(fn, source=ms):
+            return _mean_std([fn(m) for m in source])
+
+        print(
+            f"| {variant.parent.name} | {variant.name} | {len(runs)} | "
+            f"{'/'.join(str(len(h)) for h in hist)} | "
+            f"{col(lambda m: m['existing']['all']['HR@10'])} | "
+            f"{col(lambda m: m['existing']['all']['NDCG@10'])} | "
+            f"{col(lambda m: m['new']['all']['HR@10'])} | "
+            f"{col(lambda m: m['new']['all']['NDCG@10'])} | "
+            f"{col(lambda m: m['existing']['tail']['HR@10'])} | "
+            f"{col(lambda m: m['new']['tail']['HR@10'])} | "
+            f"{col(lambda m: m['existing']['all']['HR@10'], nh)} |"
+        )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--datasets", required=True)
+    p.add_argument("--backbones", default="sasrec,gru4rec,caser")
+    p.add_argument("--losses", default="ce")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", default="", help="per dataset: name=N,name=N")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--override", action="append", help="extra key=value for every run")
+    p.set_defaults(func=run)
+    p = sub.add_parser("summary")
+    p.add_argument("root")
+    p.set_defaults(func=summary)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Training throughput (windows/s) per backbone and loss, and full-ranking evaluation time.
+
+    .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2]
+
+Uses the real training step (rows → mini-batches of 256 windows → forward, loss, backward,
+Adam) on Amazon Music and the ML-1M part, prepared from ../shared/data into a temp folder.
+RecBole 1.2.1's figures were measured on the same kind of 2-core machine (CE loss, d = 64,
+L = 50, batch 256); it is not installed here, so the ratio uses those figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_tp.config import load_config
+from dist_tp.data.prepare import prepare
+from dist_tp.data.stream import UserStream, open_prepared, to_sequences
+from dist_tp.evaluate import evaluate
+from dist_tp.examples import training_rows
+from dist_tp.train import batch_loss, batches, build
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DATASETS = {
+    "amazon-music": ("amazon-music/Music.txt.gz", "seq-txt"),
+    "ml-1m": ("ml-1m/partial/ratings.dat.gz", "ml-1m"),
+}
+RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
+    ("sasrec", "amazon-music"): 560,
+    ("sasrec", "ml-1m"): 703,
+    ("gru4rec", "amazon-music"): 1599,
+    ("gru4rec", "ml-1m"): 1574,
+    ("caser", "amazon-music"): 213,
+}
+
+
+def train_rate(cfg, seconds: float) -> float:
+    """Windows/s of the training step over the first ``seconds`` of an epoch (after warm-up)."""
+    torch.manual_seed(0)
+    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    stream = UserStream(cfg.data.path, roles=["existing"], seed=0, batch_rows=512)
+    rng = np.random.default_rng(0)
+    windows, started, steps = 0, None, 0
+    while True:
+        for batch in stream:
+            rows = training_rows(
+                to_sequences(batch),
+                max_len=cfg.model.max_len,
+                all_positions=model.supports_all_positions,
+            )
+            for mb in batches(rows, cfg.train.batch_size, rng):
+                loss = batch_loss(model, mb, cfg, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if steps == 3:  # warm-up steps are not timed
+                    started = time.perf_counter()
+                elif started is not None:
+                    windows += int(mb.windows.sum())
+                    if time.perf_counter() - started > seconds:
+                        return windows / (time.perf_counter() - started)
+        stream.set_epoch(stream.epoch + 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per case")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbones", default="sasrec,gru4rec,caser")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, (rel, fmt) in DATASETS.items():
+            paths[name] = f"{tmp}/{name}"
+            prepare(input_path=str(SHARED / rel), fmt=fmt, output=paths[name])
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("| backbone | data | loss | windows/s | RecBole (CE) | ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for backbone in args.backbones.split(","):
+            for data in DATASETS:
+                for loss in ("ce", "bce"):
+                    cfg = load_config(
+                        REPO / "configs" / data / f"{backbone}.yaml",
+                        [f"data.path={paths[data]}", f"train.loss={loss}", "train.progress=false"],
+                    )
+                    rate = train_rate(cfg, args.seconds)
+                    ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
+                    ratio = f"{rate / ref:.1f}x" if ref else "-"
+                    print(
+                        f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} |",
+                        flush=True,
+                    )
+        cfg = load_config(
+            REPO / "configs" / "ml-1m" / "sasrec.yaml", [f"data.path={paths['ml-1m']}"]
+        )
+        model = build(cfg, 3266, cfg.data.path)
+        evaluate(model, cfg.data.path, max_len=50, ks=[10], splits=("test",))  # warm-up
+        t0 = time.perf_counter()
+        res = evaluate(model, cfg.data.path, max_len=50, ks=[1, 5, 10, 20, 50], splits=("test",))
+        seconds = time.perf_counter() - t0
+        users = res["test"]["existing"]["all"]["users"] + res["test"]["new"]["all"]["users"]
+        print(
+            f"\nfull-ranking evaluation (test split), SASRec, ML-1M part: {users:,} users "
+            f"x 3,266 items in {seconds:.3f}s"
+        )
+
+
+if __name__ == "__main__":
+    main()
