@@ -58,7 +58,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     method: str = "joint"
-    """``joint`` (the baseline)."""
+    """``joint`` (the baseline) or ``tp`` (inner/outer training with the discriminator)."""
     loss: str = "ce"
     """``ce`` (softmax over all items) or ``bce`` (sampled negatives, the paper's)."""
     num_negatives: int = 1
@@ -82,8 +82,45 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
             raise ConfigError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
-        if self.method not in ("joint",):
-            raise ConfigError(f"train.method must be 'joint', got {self.method!r}")
+        if self.method not in ("joint", "tp"):
+            raise ConfigError(f"train.method must be 'joint' or 'tp', got {self.method!r}")
+
+
+@dataclass
+class TPConfig:
+    """Transferrable parameters (``train.method: tp``): k inner SGD steps per lane, each on
+    one user's mini-batch, then an outer step on the pseudo-gradient Θ − θ_k."""
+
+    k: int = 2
+    """Inner SGD steps per outer step (k = 1 degenerates to joint training)."""
+    inner_lr: float = 0.1
+    """α, the inner SGD learning rate."""
+    outer_lr: float = 1e-3
+    """β, the outer learning rate (Adam by default)."""
+    outer_optimizer: str = "adam"
+    """``adam`` (the paper's experiments) or ``sgd`` (Θ ← Θ − β g)."""
+    inner_batch: int = 32
+    """K, windows per user per inner step (sampled with replacement when the user has fewer)."""
+    users_per_step: int = 1
+    """Users per inner step (each contributes ``inner_batch`` windows); 1 = the paper."""
+    lanes: int = 16
+    """M independent inner loops from the same Θ, their pseudo-gradients averaged."""
+    lambda_adv: float = 0.1
+    """λ, weight of the adversarial term (gradient reversal into the encoder)."""
+    discriminator: bool = True
+    """Train the head/tail discriminator (with λ = 0 it only monitors)."""
+    disc_hidden: list[int] = field(default_factory=lambda: [64])
+    """Hidden layer sizes of the discriminator MLP."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.lanes < 1 or self.inner_batch < 1 or self.users_per_step < 1:
+            raise ConfigError("tp.k, tp.lanes, tp.inner_batch and tp.users_per_step must be >= 1")
+        if self.outer_optimizer not in ("adam", "sgd"):
+            raise ConfigError(
+                f"tp.outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}"
+            )
+        if self.lambda_adv < 0:
+            raise ConfigError("tp.lambda_adv must be >= 0")
 
 
 @dataclass
@@ -99,6 +136,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tp: TPConfig = field(default_factory=TPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from dist_tp.checkpoint import (
     write_json,
     write_text,
 )
-from dist_tp.config import Config, to_dict
+from dist_tp.config import Config, ConfigError, to_dict
 from dist_tp.data.stream import (
     UserStream,
     concat_ranges,
@@ -40,7 +39,7 @@ from dist_tp.data.stream import (
     to_sequences,
 )
 from dist_tp.evaluate import evaluate
-from dist_tp.examples import Rows, training_rows
+from dist_tp.examples import Rows, eval_queries, training_rows
 from dist_tp.models import Popularity, build_model
 
 log = logging.getLogger(__name__)
@@ -88,39 +87,66 @@ def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> to
     )
 
 
-@dataclass
-class EpochStats:
-    loss: float
-    windows: int
-    seconds: float
+class JointStepper:
+    """The baseline: mini-batches of about ``batch_size`` windows mixing users, Adam."""
 
-
-def train_epoch(model, opt, stream: UserStream, cfg: Config, epoch: int, gen) -> EpochStats:
-    model.train()
-    stream.set_epoch(epoch)
-    total, count, windows, started = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not cfg.train.progress, leave=False)
-    for pool_index, batch in enumerate(stream):
-        rows = training_rows(
-            to_sequences(batch),
-            max_len=cfg.model.max_len,
-            all_positions=model.supports_all_positions,
+    def __init__(self, model, cfg: Config) -> None:
+        self.model, self.cfg = model, cfg
+        self.opt = torch.optim.Adam(
+            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
-        rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
-        for mb in batches(rows, cfg.train.batch_size, rng):
-            loss = batch_loss(model, mb, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            n = int(mb.windows.sum())
-            total, count, windows = total + loss.item() * n, count + n, windows + n
-            bar.update(n)
-            rate = windows / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
-    bar.close()
-    return EpochStats(total / max(count, 1), windows, time.perf_counter() - started)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)  # negative sampling
+        self.stream = UserStream(
+            cfg.data.path,
+            roles=["existing"],
+            seed=cfg.train.seed,
+            batch_rows=POOL_USERS,
+            columns=["user", "role", "is_head", "items"],
+        )
+
+    def modules(self) -> dict:
+        return {"model": self.model}
+
+    def run_epoch(self, epoch: int) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        self.stream.set_epoch(epoch)
+        total, count, started = 0.0, 0, time.perf_counter()
+        bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not cfg.train.progress, leave=False)
+        for pool_index, batch in enumerate(self.stream):
+            rows = training_rows(
+                to_sequences(batch),
+                max_len=cfg.model.max_len,
+                all_positions=model.supports_all_positions,
+            )
+            rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
+            for mb in batches(rows, cfg.train.batch_size, rng):
+                loss = batch_loss(model, mb, cfg, self.gen)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                self.opt.step()
+                n = int(mb.windows.sum())
+                total, count = total + loss.item() * n, count + n
+                bar.update(n)
+                rate = count / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - started
+        return {
+            "loss": total / max(count, 1),
+            "windows": count,
+            "windows_per_s": count / seconds,
+            "seconds": seconds,
+        }
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
 
 
 def _eval_kwargs(cfg: Config) -> dict:
@@ -138,6 +164,14 @@ def _final_metrics(model, cfg: Config) -> dict:
     return {**test, "validation": result["validation"]}
 
 
+def make_stepper(model, cfg: Config):
+    if cfg.train.method == "tp":
+        from dist_tp.tp.trainer import TPStepper
+
+        return TPStepper(model, cfg)
+    return JointStepper(model, cfg)
+
+
 def run_training(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
     """Train (or count, for popularity), evaluate, and write the run folder."""
     out = Path(out)
@@ -148,21 +182,21 @@ def run_training(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
     prepared = open_prepared(cfg.data.path)
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build(cfg, prepared.num_items, cfg.data.path)
-    history: list[dict] = []
     if isinstance(model, Popularity):
+        if cfg.train.method != "joint":
+            raise ConfigError("model 'pop' has nothing to train: use train.method=joint")
         metrics = _final_metrics(model, cfg)
-        save_checkpoint(out / "checkpoint.pt", _ckpt(model, None, cfg, 0, history))
+        save_checkpoint(out / "checkpoint.pt", _ckpt({"model": model}, cfg, 0, []))
     else:
-        metrics = _fit(model, cfg, out, history, resume)
+        metrics = _fit(make_stepper(model, cfg), cfg, out, resume)
     metrics["dataset"] = {"path": cfg.data.path, "sha256": prepared.meta["source"]["sha256"]}
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def _ckpt(model, opt, cfg: Config, epoch: int, history: list, **extra) -> dict:
+def _ckpt(modules: dict, cfg: Config, epoch: int, history: list, **extra) -> dict:
     return {
-        "model": model.state_dict(),
-        "optimizer": None if opt is None else opt.state_dict(),
+        **{name: m.state_dict() for name, m in modules.items()},
         "config": to_dict(cfg),
         "epoch": epoch,
         "history": history,
@@ -171,34 +205,21 @@ def _ckpt(model, opt, cfg: Config, epoch: int, history: list, **extra) -> dict:
     }
 
 
-def _fit(model, cfg: Config, out: Path, history: list, resume: bool) -> dict:
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    stream = UserStream(
-        cfg.data.path,
-        roles=["existing"],
-        seed=cfg.train.seed,
-        batch_rows=POOL_USERS,
-        columns=["user", "role", "is_head", "items"],
-    )
+def _fit(stepper, cfg: Config, out: Path, resume: bool) -> dict:
+    modules, model = stepper.modules(), stepper.model
+    history: list[dict] = []
     start, best, since_best = 0, -math.inf, 0
     if resume and (out / "last.pt").is_file():
         state = load_checkpoint(out / "last.pt")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        stepper.load_state_dict(state["stepper"])
         set_rng_state(state["rng"])
-        history[:] = state["history"]
+        history = state["history"]
         start, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
         log.info("resumed from %s at epoch %d", out / "last.pt", start)
     for epoch in range(start, cfg.train.epochs):
-        stats = train_epoch(model, opt, stream, cfg, epoch, gen)
-        record = {
-            "epoch": epoch,
-            "loss": stats.loss,
-            "windows": stats.windows,
-            "windows_per_s": stats.windows / stats.seconds,
-        }
+        record = {"epoch": epoch, **stepper.run_epoch(epoch)}
         validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         if validate:
             t0 = time.perf_counter()
@@ -208,26 +229,51 @@ def _fit(model, cfg: Config, out: Path, history: list, resume: bool) -> dict:
             record["valid_hr10"] = val["validation"]["existing"]["all"]["HR@10"]
             if ndcg > best:
                 best, since_best = ndcg, 0
-                save_checkpoint(out / "checkpoint.pt", _ckpt(model, None, cfg, epoch, history))
+                save_checkpoint(out / "checkpoint.pt", _ckpt(modules, cfg, epoch, history))
             else:
                 since_best += 1
         history.append(record)
         log.info(
-            "epoch %d  loss %.4f  %s windows/s%s",
+            "epoch %d  loss %.4f  %s windows/s%s%s",
             epoch,
-            stats.loss,
+            record["loss"],
             f"{record['windows_per_s']:,.0f}",
             f"  valid NDCG@10 {record['valid_ndcg10']:.4f}" if validate else "",
+            f"  disc acc {record['disc_acc']:.3f} auc {record['disc_auc']:.3f}"
+            if "disc_acc" in record
+            else "",
         )
         write_json(out / "history.json", history)
-        extra = {"best": best, "since_best": since_best, "generator": gen.get_state()}
-        save_checkpoint(out / "last.pt", _ckpt(model, opt, cfg, epoch, history, **extra))
+        extra = {"best": best, "since_best": since_best, "stepper": stepper.state_dict()}
+        save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
         if validate and since_best >= cfg.train.patience:
             log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)
             break
     if (out / "checkpoint.pt").is_file():
-        model.load_state_dict(load_checkpoint(out / "checkpoint.pt")["model"])
-    return _final_metrics(model, cfg)
+        state = load_checkpoint(out / "checkpoint.pt")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    metrics = _final_metrics(model, cfg)
+    if "disc" in modules:
+        metrics["discriminator"] = discriminator_metrics(model, modules["disc"], cfg)
+    return metrics
+
+
+def discriminator_metrics(model, disc, cfg: Config) -> dict:
+    """The discriminator on the existing users' test inputs: accuracy, AUC, majority share."""
+    from dist_tp.tp.trainer import disc_figures
+
+    seqs = load_sequences(cfg.data.path, roles=["existing"])
+    q = eval_queries(seqs, max_len=cfg.model.max_len, offset=1)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                disc(model.encode(torch.from_numpy(q.inputs[i : i + 1024])))
+                for i in range(0, len(q.targets), 1024)
+            ]
+        )
+    return disc_figures(logits, torch.from_numpy(q.is_head.astype(np.float32)))
 
 
 def evaluate_run(path: str | Path) -> tuple[dict, Path]:

@@ -1,0 +1,163 @@
+"""The inner loop of TP for M lanes at once, and the pseudo-gradient Θ − θ_k it yields.
+
+Every lane starts from the same Θ (the model and the discriminator), takes k plain SGD steps
+(lr α) on its own users' mini-batches, and ends at its own θ_k. Lanes are vectorised with
+``torch.func``: per-lane parameters, ``functional_call`` + ``grad`` + ``vmap``, so one inner
+step of M lanes is one batched forward/backward.
+
+Item tables are not copied M times. A plain SGD step changes only the rows that the lane's
+mini-batches touch (input items, positives, sampled negatives), so each lane carries just
+those rows: a small per-lane table ``[M, T, D]`` gathered from Θ, indexed by local ids. At
+the end the row deltas are scattered back into a dense pseudo-gradient. Memory therefore
+grows with M × touched rows, not M × items. With the full-softmax ``ce`` loss every row is
+touched and the lanes are dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from dist_tp.tp.discriminator import disc_loss, grad_reverse
+from dist_tp.tp.sampler import LaneBatch
+
+ROW_PARAMS = ("item_emb.weight", "out_emb.weight", "out_bias")  # indexed by item id
+
+
+@dataclass
+class InnerStats:
+    """What the inner steps saw: prediction and discriminator losses, discriminator logits."""
+
+    pred_loss: float
+    disc_loss: float
+    disc_logits: Tensor  # [M·k·B]
+    labels: Tensor  # [M·k·B]
+    touched_rows: int  # T, rows per lane table (M·T·D floats per row table)
+
+
+def prediction_loss(
+    emb: Tensor, table: Tensor, bias: Tensor | None, targets: Tensor, negatives: Tensor, kind: str
+) -> Tensor:
+    """The same losses as ``Recommender.loss``, for given (local) item ids and negatives."""
+    if kind == "ce":
+        logits = emb @ table[1:].t()  # [B, N]
+        if bias is not None:
+            logits = logits + bias[1:]
+        return F.cross_entropy(logits, targets - 1)
+    items = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)  # [B, 1+n]
+    scores = (table[items] * emb.unsqueeze(-2)).sum(-1)  # [B, 1+n]
+    if bias is not None:
+        scores = scores + bias[items]
+    return (F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(-1)).mean()
+
+
+class InnerLoop:
+    """k SGD steps in M lanes from the current parameters; returns Θ − θ_k averaged over lanes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        disc: nn.Module | None,
+        *,
+        loss: str,
+        inner_lr: float,
+        lambda_adv: float,
+    ) -> None:
+        self.model, self.disc = model, disc
+        self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
+        self.row_names = [n for n, _ in model.named_parameters() if n in ROW_PARAMS]
+        self.sparse = loss != "ce"
+        lane_grad = grad(self._lane_loss, argnums=(0, 1), has_aux=True)
+        self._step: Callable = vmap(lane_grad, randomness="different")
+
+    def _lane_loss(self, params, dparams, inputs, targets, negatives, labels):
+        """One lane's objective on one mini-batch: prediction loss + BCE_d through the GRL."""
+        emb = functional_call(self.model, params, (inputs,))  # [B, D]
+        table = params.get("out_emb.weight", params["item_emb.weight"])
+        pred = prediction_loss(emb, table, params.get("out_bias"), targets, negatives, self.loss)
+        if self.disc is None:
+            zero = pred.detach() * 0
+            return pred, (pred.detach(), zero, zero.expand(labels.shape))
+        logits = functional_call(self.disc, dparams, (grad_reverse(emb, self.lam),))  # [B]
+        adv = disc_loss(logits, labels)
+        return pred + adv, (pred.detach(), adv.detach(), logits.detach())
+
+    def _row_tables(self, batch: LaneBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-lane touched rows ``[M, T]`` (sorted, row 0 first) and local ids of the batch."""
+        inputs = torch.from_numpy(batch.inputs)  # [M, k, B, L]
+        targets = torch.from_numpy(batch.targets)  # [M, k, B]
+        negatives = torch.from_numpy(batch.negatives)  # [M, k, B, n]
+        lanes = inputs.shape[0]
+        ids = torch.cat(
+            [inputs.reshape(lanes, -1), targets.reshape(lanes, -1), negatives.reshape(lanes, -1)],
+            dim=1,
+        )  # [M, X]
+        rows = [torch.unique(torch.cat([ids[m], ids.new_zeros(1)])) for m in range(lanes)]
+        width = max(len(r) for r in rows)
+        # pad by repeating the last row: stays sorted; the copies are never referenced
+        touched = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
+
+        def local(x: Tensor) -> Tensor:
+            flat = x.reshape(lanes, -1)
+            return torch.searchsorted(touched, flat).reshape(x.shape)
+
+        return touched, local(inputs), local(targets), local(negatives)
+
+    def pseudo_gradients(self, batch: LaneBatch) -> tuple[dict, dict, InnerStats]:
+        """(model pseudo-gradients, discriminator pseudo-gradients, stats), lane-averaged."""
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        dparams = (
+            {} if self.disc is None else {n: p.detach() for n, p in self.disc.named_parameters()}
+        )
+        lanes, k = batch.targets.shape[:2]
+        if batch.negatives is None:
+            batch.negatives = batch.targets[..., None] * 0 + 1  # unused by ce; keeps shapes
+        if self.sparse:
+            touched, inputs, targets, negatives = self._row_tables(batch)
+        else:
+            touched = None
+            inputs = torch.from_numpy(batch.inputs)
+            targets = torch.from_numpy(batch.targets)
+            negatives = torch.from_numpy(batch.negatives)
+        labels = torch.from_numpy(batch.labels)  # [M, k, B]
+
+        def per_lane(name: str, p: Tensor) -> Tensor:
+            if touched is not None and name in self.row_names:
+                return p[touched]  # [M, T, ...] the lane's rows only
+            return p.unsqueeze(0).expand(lanes, *p.shape)  # [M, ...] no copy until updated
+
+        start = {n: per_lane(n, p) for n, p in params.items()}
+        dstart = {n: p.unsqueeze(0).expand(lanes, *p.shape) for n, p in dparams.items()}
+        lane, dlane = dict(start), dict(dstart)
+        preds, advs, logits = [], [], []
+        for s in range(k):
+            (g, dg), (pred, adv, logit) = self._step(
+                lane, dlane, inputs[:, s], targets[:, s], negatives[:, s], labels[:, s]
+            )
+            lane = {n: lane[n] - self.lr * g[n] for n in lane}
+            dlane = {n: dlane[n] - self.lr * dg[n] for n in dlane}
+            preds.append(pred)
+            advs.append(adv)
+            logits.append(logit)
+        grads = {}
+        for n, p in params.items():
+            delta = start[n] - lane[n]  # [M, ...] Θ − θ_k per lane
+            if touched is not None and n in self.row_names:
+                dense = torch.zeros_like(p).index_add_(0, touched.reshape(-1), delta.flatten(0, 1))
+                grads[n] = dense / lanes
+            else:
+                grads[n] = delta.mean(0)
+        dgrads = {n: (dstart[n] - dlane[n]).mean(0) for n in dparams}
+        stats = InnerStats(
+            pred_loss=float(torch.stack(preds).mean()),
+            disc_loss=float(torch.stack(advs).mean()),
+            disc_logits=torch.stack(logits, 1).reshape(-1),
+            labels=labels.reshape(-1),
+            touched_rows=0 if touched is None else touched.shape[1],
+        )
+        return grads, dgrads, stats

@@ -1,0 +1,128 @@
+"""One TP epoch: sample lanes × k inner mini-batches, run the inner loops, apply the outer
+update; as many windows per epoch as a joint epoch. Tracks the discriminator (loss,
+accuracy, AUC) like the model."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dist_tp.comm import LocalComm
+from dist_tp.config import Config
+from dist_tp.data.stream import load_sequences
+from dist_tp.tp.discriminator import Discriminator, auc
+from dist_tp.tp.lanes import InnerLoop
+from dist_tp.tp.outer import OuterUpdate
+from dist_tp.tp.sampler import TaskSampler
+
+
+def disc_figures(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, AUC and the majority share (accuracy of always guessing the majority)."""
+    if len(labels) == 0:
+        return {"disc_acc": float("nan"), "disc_auc": float("nan"), "disc_majority": float("nan")}
+    head = float(labels.mean())
+    return {
+        "disc_acc": float(((logits > 0).float() == labels).float().mean()),
+        "disc_auc": auc(logits, labels),
+        "disc_majority": max(head, 1 - head),
+    }
+
+
+class TPStepper:
+    """Holds the discriminator, the task sampler, the inner loop and the outer optimizer."""
+
+    def __init__(self, model, cfg: Config, *, comm=None, sampler: TaskSampler | None = None):
+        self.model, self.cfg, self.comm = model, cfg, comm or LocalComm()
+        tp = cfg.tp
+        self.disc = None
+        if tp.discriminator:
+            # initialised from its own seed, so having a discriminator or not leaves the global
+            # RNG stream (dropout in the inner steps) exactly the same
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.train.seed + 7919)
+                self.disc = Discriminator(cfg.model.dim, tp.disc_hidden)
+        if sampler is None:
+            seqs = load_sequences(cfg.data.path, roles=["existing"])
+            sampler = TaskSampler(seqs, max_len=cfg.model.max_len)
+        self.sampler = sampler
+        self.inner = InnerLoop(
+            model,
+            self.disc,
+            loss=cfg.train.loss,
+            inner_lr=tp.inner_lr,
+            lambda_adv=tp.lambda_adv,
+        )
+        self.params = list(model.parameters()) + (
+            [] if self.disc is None else list(self.disc.parameters())
+        )
+        self.outer = OuterUpdate(
+            self.params, optimizer=tp.outer_optimizer, lr=tp.outer_lr, comm=self.comm
+        )
+        self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
+        # an epoch = as many windows as a joint epoch over all ranks' users
+        total = self.comm.all_reduce_sum(torch.tensor(float(sampler.total_windows)))
+        self.steps_per_epoch = math.ceil(
+            float(total) / (self.windows_per_step * self.comm.world_size)
+        )
+
+    def modules(self) -> dict:
+        return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
+
+    def outer_step(self, rng: np.random.Generator):
+        """One outer step; returns the inner loop's stats."""
+        tp, train = self.cfg.tp, self.cfg.train
+        batch = self.sampler.sample(
+            rng,
+            lanes=tp.lanes,
+            k=tp.k,
+            users_per_step=tp.users_per_step,
+            inner_batch=tp.inner_batch,
+            num_negatives=train.num_negatives if train.loss == "bce" else 0,
+            num_items=self.model.num_items,
+        )
+        grads, dgrads, stats = self.inner.pseudo_gradients(batch)
+        ordered = [grads[n] for n, _ in self.model.named_parameters()]
+        if self.disc is not None:
+            ordered += [dgrads[n] for n, _ in self.disc.named_parameters()]
+        self.outer.step(ordered)
+        return stats
+
+    def run_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        rng = np.random.default_rng([self.cfg.train.seed, epoch, self.comm.rank])
+        started = time.perf_counter()
+        losses, dlosses, logits, labels = [], [], [], []
+        show = self.cfg.train.progress and self.comm.is_main
+        bar = tqdm(
+            range(self.steps_per_epoch), desc=f"tp epoch {epoch}", disable=not show, leave=False
+        )
+        for _ in bar:
+            stats = self.outer_step(rng)
+            losses.append(stats.pred_loss)
+            dlosses.append(stats.disc_loss)
+            logits.append(stats.disc_logits)
+            labels.append(stats.labels)
+            rate = len(losses) * self.windows_per_step / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
+        seconds = time.perf_counter() - started
+        windows = self.steps_per_epoch * self.windows_per_step
+        record = {
+            "loss": float(np.mean(losses)),
+            "windows": windows,
+            "windows_per_s": windows / seconds,
+            "seconds": seconds,
+        }
+        if self.disc is not None:
+            record["disc_loss"] = float(np.mean(dlosses))
+            record.update(disc_figures(torch.cat(logits), torch.cat(labels)))
+        return record
+
+    def state_dict(self) -> dict:
+        return {"outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.outer.load_state_dict(state["outer"])
