@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2]
 
+Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
+an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
+
 Uses the real training step (rows → mini-batches of 256 windows → forward, loss, backward,
 Adam) on Amazon Music and the ML-1M part, prepared from ../shared/data into a temp folder.
 RecBole 1.2.1's figures were measured on the same kind of 2-core machine (CE loss, d = 64,
@@ -72,11 +75,28 @@ def train_rate(cfg, seconds: float) -> float:
         stream.set_epoch(stream.epoch + 1)
 
 
+def tp_rate(cfg, seconds: float) -> float:
+    """Windows/s of TP outer steps (lanes × k × users × K windows each), after one warm-up."""
+    from dist_tp.tp.trainer import TPStepper
+
+    torch.manual_seed(0)
+    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
+    stepper = TPStepper(model, cfg)
+    rng = np.random.default_rng(0)
+    stepper.outer_step(rng)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        stepper.outer_step(rng)
+        steps += 1
+    return steps * stepper.windows_per_step / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per case")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbones", default="sasrec,gru4rec,caser")
+    parser.add_argument("--no-tp", dest="tp", action="store_false", help="skip the TP figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +105,11 @@ def main() -> None:
             paths[name] = f"{tmp}/{name}"
             prepare(input_path=str(SHARED / rel), fmt=fmt, output=paths[name])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print("| backbone | data | loss | windows/s | RecBole (CE) | ratio |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(
+            "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
+            "| TP windows/s | TP epoch / joint epoch |"
+        )
+        print("| --- " * 8 + "|")
         for backbone in args.backbones.split(","):
             for data in DATASETS:
                 for loss in ("ce", "bce"):
@@ -97,8 +120,10 @@ def main() -> None:
                     rate = train_rate(cfg, args.seconds)
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
+                    tp = tp_rate(cfg, args.seconds) if args.tp else float("nan")
                     print(
-                        f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} |",
+                        f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} "
+                        f"| {tp:,.0f} | {rate / tp:.2f} |",
                         flush=True,
                     )
         cfg = load_config(

@@ -66,8 +66,10 @@ def _setup(cfg, seed: int = 0):
 
 
 def _batch(cfg, lanes: int, seed: int = 1):
+    all_positions = cfg.model.name != "caser"
     return _sampler().sample(
         np.random.default_rng(seed),
+        all_positions=all_positions,
         lanes=lanes,
         k=cfg.tp.k,
         users_per_step=cfg.tp.users_per_step,
@@ -83,7 +85,7 @@ def _reference_theta_k(model, disc, cfg, batch):
     model, disc = copy.deepcopy(model), copy.deepcopy(disc)
     alpha, lam = cfg.tp.inner_lr, cfg.tp.lambda_adv
     for s in range(cfg.tp.k):
-        inputs = torch.from_numpy(batch.inputs[0, s])
+        inputs = torch.from_numpy(batch.windows[0, s])
         pos = torch.from_numpy(batch.targets[0, s])
         labels = torch.from_numpy(batch.labels[0, s])
         emb = model.encode(inputs)

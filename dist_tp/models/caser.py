@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
-from dist_tp.models.tables import share_table
+from dist_tp.models.layers import Dropout, share_table
 
 _GROUP = 10
 """Heights per fused convolution; about 10 balances call count against wasted rows."""
@@ -82,7 +82,7 @@ class Caser(nn.Module):
         bound = 1.0 / math.sqrt(length)
         nn.init.uniform_(self.vertical, -bound, bound)
         nn.init.uniform_(self.vertical_bias, -bound, bound)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.fc = nn.Linear(cfg.caser_nh * length + cfg.caser_nv * dim, dim)
 
     def forward(self, seq: Tensor) -> Tensor:

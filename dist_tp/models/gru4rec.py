@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
-from dist_tp.models.tables import share_table
+from dist_tp.models.layers import Dropout, share_table
 
 
 def _alignment(seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +48,7 @@ class GRU4Rec(nn.Module):
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding) -> None:
         super().__init__()
         share_table(self, item_emb)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.gru = nn.GRU(
             input_size=cfg.dim,
             hidden_size=cfg.hidden_size,

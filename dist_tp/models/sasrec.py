@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
-from dist_tp.models.tables import share_table
+from dist_tp.models.layers import Dropout, share_table
 
 
 class _Block(nn.Module):
@@ -39,9 +39,9 @@ class _Block(nn.Module):
         self.attn_out = nn.Linear(dim, dim)
         self.ln_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+            nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         # rel_bias[h, k]: logit bonus of head h for a key k steps before the query.
         self.rel_bias = nn.Parameter(torch.zeros(heads, max_len))
 
@@ -75,7 +75,7 @@ class SASRec(nn.Module):
         share_table(self, item_emb)
         self.max_len = cfg.max_len
         self.scale = math.sqrt(cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             _Block(cfg.dim, cfg.num_heads, cfg.dropout, cfg.max_len) for _ in range(cfg.num_layers)
         )

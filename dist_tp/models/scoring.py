@@ -103,9 +103,9 @@ class Recommender(nn.Module):
         """Sequence embedding of each left-padded window ``[B, L]`` -> ``[B, D]``."""
         return self.encoder(seq)  # [B, D]
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """Same as :meth:`encode` (what ``torch.func.functional_call`` runs)."""
-        return self.encode(seq)  # [B, D]
+    def forward(self, seq: Tensor, all_positions: bool = False) -> Tensor:
+        """:meth:`encode`, or :meth:`encode_all` (what ``torch.func.functional_call`` runs)."""
+        return self.encode_all(seq) if all_positions else self.encode(seq)
 
     def encode_all(self, seq: Tensor) -> Tensor:
         """Embeddings of every prefix window, ``[B, L]`` -> ``[B, L, D]``.

@@ -72,12 +72,17 @@ class InnerLoop:
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
         self.row_names = [n for n, _ in model.named_parameters() if n in ROW_PARAMS]
         self.sparse = loss != "ce"
+        self.all_positions = bool(getattr(model, "supports_all_positions", False))
         lane_grad = grad(self._lane_loss, argnums=(0, 1), has_aux=True)
         self._step: Callable = vmap(lane_grad, randomness="different")
 
-    def _lane_loss(self, params, dparams, inputs, targets, negatives, labels):
+    def _lane_loss(self, params, dparams, rows, slot_row, slot_pos, targets, negatives, labels):
         """One lane's objective on one mini-batch: prediction loss + BCE_d through the GRL."""
-        emb = functional_call(self.model, params, (inputs,))  # [B, D]
+        if self.all_positions:
+            out = functional_call(self.model, params, (rows,), {"all_positions": True})  # [R, L, D]
+            emb = out[slot_row, slot_pos]  # [B, D]
+        else:
+            emb = functional_call(self.model, params, (rows,))[slot_row]  # [B, D]
         table = params.get("out_emb.weight", params["item_emb.weight"])
         pred = prediction_loss(emb, table, params.get("out_bias"), targets, negatives, self.loss)
         if self.disc is None:
@@ -89,7 +94,7 @@ class InnerLoop:
 
     def _row_tables(self, batch: LaneBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-lane touched rows ``[M, T]`` (sorted, row 0 first) and local ids of the batch."""
-        inputs = torch.from_numpy(batch.inputs)  # [M, k, B, L]
+        inputs = torch.from_numpy(batch.rows)  # [M, k, R, L]
         targets = torch.from_numpy(batch.targets)  # [M, k, B]
         negatives = torch.from_numpy(batch.negatives)  # [M, k, B, n]
         lanes = inputs.shape[0]
@@ -121,10 +126,12 @@ class InnerLoop:
             touched, inputs, targets, negatives = self._row_tables(batch)
         else:
             touched = None
-            inputs = torch.from_numpy(batch.inputs)
+            inputs = torch.from_numpy(batch.rows)
             targets = torch.from_numpy(batch.targets)
             negatives = torch.from_numpy(batch.negatives)
         labels = torch.from_numpy(batch.labels)  # [M, k, B]
+        slot_row = torch.from_numpy(batch.slot_row)  # [M, k, B]
+        slot_pos = torch.from_numpy(batch.slot_pos)  # [M, k, B]
 
         def per_lane(name: str, p: Tensor) -> Tensor:
             if touched is not None and name in self.row_names:
@@ -137,7 +144,14 @@ class InnerLoop:
         preds, advs, logits = [], [], []
         for s in range(k):
             (g, dg), (pred, adv, logit) = self._step(
-                lane, dlane, inputs[:, s], targets[:, s], negatives[:, s], labels[:, s]
+                lane,
+                dlane,
+                inputs[:, s],
+                slot_row[:, s],
+                slot_pos[:, s],
+                targets[:, s],
+                negatives[:, s],
+                labels[:, s],
             )
             lane = {n: lane[n] - self.lr * g[n] for n in lane}
             dlane = {n: dlane[n] - self.lr * dg[n] for n in dlane}

@@ -13,9 +13,18 @@ from dist_tp.data.stream import UserSequences
 
 @dataclass
 class LaneBatch:
-    """Inputs of M lanes × k inner steps × B windows (B = users_per_step · K), global ids."""
+    """M lanes × k inner steps × B sampled windows (B = users_per_step · K), global item ids.
 
-    inputs: np.ndarray  # [M, k, B, L] left-padded windows
+    The encoder runs on ``rows``; sampled window b of a step is the output of row
+    ``slot_row[b]`` at position ``slot_pos[b]``. With an all-positions encoder a user's
+    windows whose targets lie in its first L+1 items share one row (its first L items);
+    each later target has a row of its own. ``windows`` spells every window out (tests).
+    """
+
+    rows: np.ndarray  # [M, k, R, L] left-padded encoder inputs
+    slot_row: np.ndarray  # [M, k, B]
+    slot_pos: np.ndarray  # [M, k, B]
+    windows: np.ndarray  # [M, k, B, L] the sampled windows, left-padded
     targets: np.ndarray  # [M, k, B] next items
     negatives: np.ndarray | None  # [M, k, B, n] sampled negatives (bce loss) or None
     labels: np.ndarray  # [M, k, B] float32, 1 = head user
@@ -23,13 +32,11 @@ class LaneBatch:
 
     def lane(self, m: int) -> LaneBatch:
         """Lane ``m`` alone, as a batch of one lane (for tests and sequential runs)."""
-        neg = None if self.negatives is None else self.negatives[m : m + 1]
         return LaneBatch(
-            self.inputs[m : m + 1],
-            self.targets[m : m + 1],
-            neg,
-            self.labels[m : m + 1],
-            self.users[m : m + 1],
+            **{
+                f: None if getattr(self, f) is None else getattr(self, f)[m : m + 1]
+                for f in self.__dataclass_fields__
+            }
         )
 
 
@@ -62,6 +69,7 @@ class TaskSampler:
         inner_batch: int,
         num_negatives: int = 0,
         num_items: int = 0,
+        all_positions: bool = False,
     ) -> LaneBatch:
         count = lanes * k * users_per_step
         users = rng.integers(0, len(self), count)  # [U] uniform over users
@@ -69,11 +77,9 @@ class TaskSampler:
         for j, u in enumerate(users):
             n = int(self.n_windows[u])
             picks[j] = rng.choice(n, inner_batch, replace=n < inner_batch)
-        target_pos = self.starts[users, None] + 1 + picks  # [U, K] index into flat
-        cols = np.arange(-self.max_len, 0)
-        idx = target_pos[..., None] + cols  # [U, K, L]
-        valid = idx >= self.starts[users, None, None]
-        inputs = np.where(valid, self.flat[np.clip(idx, 0, None)], 0)
+        starts = self.starts[users, None]  # [U, 1]
+        target_pos = starts + 1 + picks  # [U, K] index into flat
+        windows = self._windows(target_pos, starts)  # [U, K, L]
         targets = self.flat[target_pos]  # [U, K]
         labels = np.repeat(self.seqs.is_head[users].astype(np.float32)[:, None], inner_batch, 1)
         shape = (lanes, k, users_per_step * inner_batch)
@@ -82,10 +88,71 @@ class TaskSampler:
             # uniform over 1..N without the positive: draw from 1..N-1, shift values >= pos
             draw = rng.integers(1, num_items, (*targets.shape, num_negatives))
             negatives = (draw + (draw >= targets[..., None])).reshape(*shape, num_negatives)
+        windows = windows.reshape(*shape, self.max_len)
+        if all_positions:
+            rows, slot_row, slot_pos = self._shared_rows(target_pos, lanes, k, users_per_step)
+        else:
+            rows = windows
+            slot_row = np.broadcast_to(np.arange(shape[2]), shape).copy()
+            slot_pos = np.full(shape, self.max_len - 1)
         return LaneBatch(
-            inputs=inputs.reshape(*shape, self.max_len),
+            rows=rows,
+            slot_row=slot_row,
+            slot_pos=slot_pos,
+            windows=windows,
             targets=targets.reshape(shape),
             negatives=negatives,
             labels=labels.reshape(shape),
             users=users.reshape(lanes, k, users_per_step),
         )
+
+    def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Left-padded ``flat[max(start, end - L):end]`` for each end → [..., L]."""
+        idx = ends[..., None] + np.arange(-self.max_len, 0)  # [..., L]
+        return np.where(idx >= starts[..., None], self.flat[np.clip(idx, 0, None)], 0)
+
+    def _shared_rows(self, target_pos: np.ndarray, lanes: int, k: int, per_step: int):
+        """Rows for an all-positions encoder: per user one row of its first L items (serving
+        every target within its first L+1 items) plus one row per later target."""
+        L = self.max_len
+        steps = target_pos.reshape(lanes * k, per_step, -1)  # [S, users, K]
+        user_start = self.starts_of(steps)
+        rows_per_step, slots = [], []
+        for s in range(lanes * k):
+            rows, slot_row, slot_pos = [], [], []
+            for u in range(per_step):
+                start, tpos = user_start[s, u], steps[s, u]
+                offset = tpos - start  # target index within the user (>= 1)
+                early = offset <= L
+                if early.any():
+                    m = min(L, int(self.n_windows_at(start)))  # first row: items 0..m-1
+                    rows.append(self._windows(np.array([start + m]), np.array([start]))[0])
+                    first = len(rows) - 1
+                late_rows = {}
+                for off, t in zip(offset, tpos):
+                    if off <= L:
+                        slot_row.append(first)
+                        slot_pos.append(L - m + off - 1)
+                    else:
+                        if t not in late_rows:
+                            rows.append(self._windows(np.array([t]), np.array([start]))[0])
+                            late_rows[t] = len(rows) - 1
+                        slot_row.append(late_rows[t])
+                        slot_pos.append(L - 1)
+            rows_per_step.append(rows)
+            slots.append((slot_row, slot_pos))
+        width = max(len(r) for r in rows_per_step)
+        out = np.zeros((lanes * k, width, L), dtype=np.int64)
+        for s, rows in enumerate(rows_per_step):
+            out[s, : len(rows)] = rows
+        slot_row = np.array([r for r, _ in slots]).reshape(lanes, k, -1)
+        slot_pos = np.array([p for _, p in slots]).reshape(lanes, k, -1)
+        return out.reshape(lanes, k, width, L), slot_row, slot_pos
+
+    def starts_of(self, target_pos: np.ndarray) -> np.ndarray:
+        """Start (index into flat) of the user owning each target position, per [S, users]."""
+        first = target_pos[..., 0]
+        return self.starts[np.searchsorted(self.starts, first, side="right") - 1]
+
+    def n_windows_at(self, start: int) -> int:
+        return int(self.n_windows[np.searchsorted(self.starts, start)])

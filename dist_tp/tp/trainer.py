@@ -83,6 +83,7 @@ class TPStepper:
             inner_batch=tp.inner_batch,
             num_negatives=train.num_negatives if train.loss == "bce" else 0,
             num_items=self.model.num_items,
+            all_positions=self.model.supports_all_positions,
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
