@@ -1,4 +1,4 @@
-"""The ``dist-tp`` command line: prepare, stats, train, evaluate.
+"""The ``dist-tp`` command line: prepare, stats, train, evaluate, table.
 
 Every user-facing failure (bad data, bad config) ends as one ``error: ...`` line on stderr and
 exit status 2 — never a traceback from deep inside.
@@ -128,6 +128,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        rows.append((run, metrics))
+    k = args.k
+    head = (
+        f"| run | existing HR@{k} | NDCG@{k} | tail HR@{k} | new HR@{k} | NDCG@{k} | tail HR@{k} |"
+    )
+    print(head)
+    print("| --- " * 7 + "|")
+    for run, m in rows:
+        e, n = m["existing"], m["new"]
+        cells = [
+            e["all"][f"HR@{k}"],
+            e["all"][f"NDCG@{k}"],
+            e["tail"][f"HR@{k}"],
+            n["all"][f"HR@{k}"],
+            n["all"][f"NDCG@{k}"],
+            n["tail"][f"HR@{k}"],
+        ]
+        print(f"| {run} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    return 0
+
+
 def format_metrics(metrics: dict, ks: tuple[int, ...] = (10,)) -> str:
     """A small table: rows role/group, columns HR@k and NDCG@k."""
     lines = ["| users | group | n | " + " | ".join(f"HR@{k} | NDCG@{k}" for k in ks) + " |"]
@@ -174,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run folder (default: runs/<config>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("table", help="test metrics of run folders side by side")
+    p.add_argument("runs", nargs="+", help="run folders (with metrics.json)")
+    p.add_argument("--k", type=int, default=10)
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
     p.add_argument("run", help="run folder or checkpoint file")
