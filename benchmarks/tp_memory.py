@@ -45,8 +45,8 @@ model = build_model(cfg.model, items)
 stepper = TPStepper(model, cfg, sampler=TaskSampler(seqs, max_len=cfg.model.max_len))
 t0 = time.perf_counter()
 touched = 0
-for _ in range(3):
-    stats = stepper.outer_step(rng)
+for step in range(3):
+    stats = stepper.outer_step(0, step)
     touched = max(touched, stats.touched_rows)
 seconds = (time.perf_counter() - t0) / 3
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]

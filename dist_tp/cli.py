@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,10 +112,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.path:
         raise ConfigError("data.path is not set: pass data.path=DIR (a 'dist-tp prepare' output)")
+    from dist_tp.distributed import init_distributed
+
     out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
-    metrics = run_training(cfg, out, resume=args.resume)
-    print(format_metrics(metrics))
-    print(f"run folder: {out}")
+    comm = init_distributed()
+    try:
+        # under torchrun --max-restarts, a restarted worker continues from last.pt
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        metrics = run_training(cfg, out, resume=args.resume or restarted, comm=comm)
+    except BaseException:
+        comm.abort()
+        raise
+    comm.close()
+    if comm.is_main:
+        print(format_metrics(metrics))
+        print(f"run folder: {out}")
     return 0
 
 

@@ -30,3 +30,16 @@ class LocalComm:
 
     def barrier(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Leave cleanly (all ranks reached the end)."""
+
+    def abort(self) -> None:
+        """Leave after a failure, without waiting for the other ranks."""
+
+
+def broadcast_module(module: torch.nn.Module, comm: LocalComm) -> None:
+    """Every rank starts from rank 0's parameters and buffers."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            comm.broadcast_(tensor.data, src=0)

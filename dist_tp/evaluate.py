@@ -57,7 +57,10 @@ def evaluation_sums(
     """{split: {role: {group: {"HR@k": sum, "NDCG@k": sum, "count": n}}}} for this rank's users."""
     was_training = model.training
     model.eval()
-    acc: dict = {s: {role: {g: {} for g in GROUPS} for role, _ in SPLITS[s]} for s in splits}
+    zero = {**{f"{m}@{k}": 0.0 for k in ks for m in ("HR", "NDCG")}, "count": 0.0}
+    acc: dict = {
+        s: {role: {g: dict(zero) for g in GROUPS} for role, _ in SPLITS[s]} for s in splits
+    }
     stream = UserStream(
         path,
         rank=rank,
@@ -100,6 +103,21 @@ def finalize_sums(acc: dict) -> dict:
     return out
 
 
-def evaluate(model, path: str, **kwargs) -> dict:
-    """Means per split/role/group for all users of ``path`` (single process)."""
-    return finalize_sums(evaluation_sums(model, path, **kwargs))
+def reduce_sums(acc: dict, comm) -> dict:
+    """Add every rank's sums and counts (one collective; all ranks hold the same keys)."""
+    flat = [(s, r, g, k) for s in acc for r in acc[s] for g in acc[s][r] for k in acc[s][r][g]]
+    values = torch.tensor([acc[s][r][g][k] for s, r, g, k in flat], dtype=torch.float64)
+    values = comm.all_reduce_sum(values)
+    out: dict = {}
+    for (s, r, g, k), v in zip(flat, values.tolist()):
+        out.setdefault(s, {}).setdefault(r, {}).setdefault(g, {})[k] = v
+    return out
+
+
+def evaluate(model, path: str, *, comm=None, **kwargs) -> dict:
+    """Means per split/role/group over all users of ``path``; with a communicator each rank
+    ranks its own share of the users and the sums are added across ranks."""
+    if comm is None or comm.world_size == 1:
+        return finalize_sums(evaluation_sums(model, path, **kwargs))
+    acc = evaluation_sums(model, path, rank=comm.rank, world_size=comm.world_size, **kwargs)
+    return finalize_sums(reduce_sums(acc, comm))

@@ -30,6 +30,7 @@ from dist_tp.checkpoint import (
     write_json,
     write_text,
 )
+from dist_tp.comm import LocalComm
 from dist_tp.config import Config, ConfigError, to_dict
 from dist_tp.data.stream import (
     UserStream,
@@ -158,39 +159,48 @@ def _eval_kwargs(cfg: Config) -> dict:
     }
 
 
-def _final_metrics(model, cfg: Config) -> dict:
-    result = evaluate(model, cfg.data.path, **_eval_kwargs(cfg))
+def _final_metrics(model, cfg: Config, comm=None) -> dict:
+    result = evaluate(model, cfg.data.path, comm=comm, **_eval_kwargs(cfg))
     test = result["test"]
     return {**test, "validation": result["validation"]}
 
 
-def make_stepper(model, cfg: Config):
+def make_stepper(model, cfg: Config, comm):
     if cfg.train.method == "tp":
         from dist_tp.tp.trainer import TPStepper
 
-        return TPStepper(model, cfg)
+        return TPStepper(model, cfg, comm=comm)
+    if comm.world_size > 1:
+        raise ConfigError(
+            "train.method=joint runs in a single process for now; under torchrun use "
+            "train.method=tp (distributed joint training with DDP is not implemented yet)"
+        )
     return JointStepper(model, cfg)
 
 
-def run_training(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
-    """Train (or count, for popularity), evaluate, and write the run folder."""
+def run_training(cfg: Config, out: str | Path, *, resume: bool = False, comm=None) -> dict:
+    """Train (or count, for popularity), evaluate, and write the run folder (rank 0 writes)."""
+    comm = comm or LocalComm()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed)
     prepared = open_prepared(cfg.data.path)
-    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if comm.is_main:
+        write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build(cfg, prepared.num_items, cfg.data.path)
     if isinstance(model, Popularity):
         if cfg.train.method != "joint":
             raise ConfigError("model 'pop' has nothing to train: use train.method=joint")
-        metrics = _final_metrics(model, cfg)
-        save_checkpoint(out / "checkpoint.pt", _ckpt({"model": model}, cfg, 0, []))
+        metrics = _final_metrics(model, cfg, comm)
+        if comm.is_main:
+            save_checkpoint(out / "checkpoint.pt", _ckpt({"model": model}, cfg, 0, []))
     else:
-        metrics = _fit(make_stepper(model, cfg), cfg, out, resume)
+        metrics = _fit(make_stepper(model, cfg, comm), cfg, out, resume, comm)
     metrics["dataset"] = {"path": cfg.data.path, "sha256": prepared.meta["source"]["sha256"]}
-    write_json(out / "metrics.json", metrics)
+    if comm.is_main:
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -205,7 +215,15 @@ def _ckpt(modules: dict, cfg: Config, epoch: int, history: list, **extra) -> dic
     }
 
 
-def _fit(stepper, cfg: Config, out: Path, resume: bool) -> dict:
+def _seed_epoch(cfg: Config, epoch: int, rank: int) -> None:
+    """Dropout's random stream of each (epoch, rank) depends only on them, so a run resumed
+    at an epoch boundary continues exactly as an uninterrupted one."""
+    torch.manual_seed(
+        int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
+    )
+
+
+def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
     modules, model = stepper.modules(), stepper.model
     history: list[dict] = []
     start, best, since_best = 0, -math.inf, 0
@@ -219,17 +237,21 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool) -> dict:
         start, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
         log.info("resumed from %s at epoch %d", out / "last.pt", start)
     for epoch in range(start, cfg.train.epochs):
+        _seed_epoch(cfg, epoch, comm.rank)
         record = {"epoch": epoch, **stepper.run_epoch(epoch)}
         validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         if validate:
             t0 = time.perf_counter()
-            val = evaluate(model, cfg.data.path, splits=("validation",), **_eval_kwargs(cfg))
+            val = evaluate(
+                model, cfg.data.path, splits=("validation",), comm=comm, **_eval_kwargs(cfg)
+            )
             ndcg = val["validation"]["existing"]["all"]["NDCG@10"]
             record.update(valid_ndcg10=ndcg, eval_seconds=time.perf_counter() - t0)
             record["valid_hr10"] = val["validation"]["existing"]["all"]["HR@10"]
             if ndcg > best:
                 best, since_best = ndcg, 0
-                save_checkpoint(out / "checkpoint.pt", _ckpt(modules, cfg, epoch, history))
+                if comm.is_main:
+                    save_checkpoint(out / "checkpoint.pt", _ckpt(modules, cfg, epoch, history))
             else:
                 since_best += 1
         history.append(record)
@@ -243,9 +265,11 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool) -> dict:
             if "disc_acc" in record
             else "",
         )
-        write_json(out / "history.json", history)
-        extra = {"best": best, "since_best": since_best, "stepper": stepper.state_dict()}
-        save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
+        if comm.is_main:
+            write_json(out / "history.json", history)
+            extra = {"best": best, "since_best": since_best, "stepper": stepper.state_dict()}
+            save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
+        comm.barrier()  # rank 0's files are complete before anyone reads them
         if validate and since_best >= cfg.train.patience:
             log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)
             break
@@ -253,7 +277,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool) -> dict:
         state = load_checkpoint(out / "checkpoint.pt")
         for name, module in modules.items():
             module.load_state_dict(state[name])
-    metrics = _final_metrics(model, cfg)
+    metrics = _final_metrics(model, cfg, comm)
     if "disc" in modules:
         metrics["discriminator"] = discriminator_metrics(model, modules["disc"], cfg)
     return metrics

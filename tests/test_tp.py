@@ -68,9 +68,8 @@ def _setup(cfg, seed: int = 0):
 def _batch(cfg, lanes: int, seed: int = 1):
     all_positions = cfg.model.name != "caser"
     return _sampler().sample(
-        np.random.default_rng(seed),
+        [np.random.default_rng([seed, m]) for m in range(lanes)],
         all_positions=all_positions,
-        lanes=lanes,
         k=cfg.tp.k,
         users_per_step=cfg.tp.users_per_step,
         inner_batch=cfg.tp.inner_batch,
@@ -163,17 +162,17 @@ def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
     stepper = TPStepper(model, cfg, sampler=_sampler())
     before_model = copy.deepcopy(model)
     before_disc = copy.deepcopy(stepper.disc)
-    stepper.outer_step(np.random.default_rng(3))
+    stepper.outer_step(0, 0)
     # replay the same inner loop from the saved Θ
     inner = InnerLoop(before_model, before_disc, loss="bce", inner_lr=0.5, lambda_adv=0.7)
     batch = stepper.sampler.sample(
-        np.random.default_rng(3),
-        lanes=1,
+        [np.random.default_rng([cfg.train.seed, 0, 0, 0])],
         k=3,
         users_per_step=1,
         inner_batch=5,
         num_negatives=3,
         num_items=NUM_ITEMS,
+        all_positions=True,
     )
     grads, dgrads, _ = inner.pseudo_gradients(batch)
     for name, value in _theta_k(before_model, grads).items():
@@ -211,9 +210,8 @@ def test_lambda_zero_leaves_the_encoder_as_without_discriminator():
         model, _ = _setup(cfg)
         torch.manual_seed(5)
         stepper = TPStepper(model, cfg, sampler=_sampler())
-        rng = np.random.default_rng(9)
-        for _ in range(3):
-            stepper.outer_step(rng)
+        for step in range(3):
+            stepper.outer_step(0, step)
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name

@@ -50,7 +50,7 @@ class TaskSampler:
         self.n_windows = n_windows[keep]
         self.flat = np.concatenate([self.seqs.items.astype(np.int64), [0]])
         self.starts = self.seqs.offsets[:-1]
-        self.max_len = max_len
+        self.max_len, self.holdout = max_len, holdout
 
     def __len__(self) -> int:
         return len(self.n_windows)
@@ -59,24 +59,57 @@ class TaskSampler:
     def total_windows(self) -> int:
         return int(self.n_windows.sum())
 
+    def partition(self, world_size: int) -> list[np.ndarray]:
+        """Users split into ``world_size`` disjoint, complete parts balanced by number of
+        training windows: largest first, each to the lightest part (ties: lowest part).
+        Each part is ascending. Deterministic: every rank computes the same split."""
+        order = np.lexsort((np.arange(len(self)), -self.n_windows))
+        loads = np.zeros(world_size, dtype=np.int64)
+        owner = np.empty(len(self), dtype=np.int64)
+        for u in order:
+            part = int(np.argmin(loads))
+            owner[u] = part
+            loads[part] += self.n_windows[u]
+        return [np.flatnonzero(owner == r) for r in range(world_size)]
+
+    def subset(self, rows: np.ndarray) -> TaskSampler:
+        """A sampler over some of these users (``rows`` ascending keeps their order)."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[rows] = True
+        return TaskSampler(self.seqs.select(mask), max_len=self.max_len, holdout=self.holdout)
+
     def sample(
         self,
-        rng: np.random.Generator,
+        rngs: list[np.random.Generator],
         *,
-        lanes: int,
         k: int,
         users_per_step: int,
         inner_batch: int,
         num_negatives: int = 0,
         num_items: int = 0,
         all_positions: bool = False,
+        lane_users: list[np.ndarray] | None = None,
     ) -> LaneBatch:
-        count = lanes * k * users_per_step
-        users = rng.integers(0, len(self), count)  # [U] uniform over users
-        picks = np.empty((count, inner_batch), dtype=np.int64)
-        for j, u in enumerate(users):
-            n = int(self.n_windows[u])
-            picks[j] = rng.choice(n, inner_batch, replace=n < inner_batch)
+        """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
+        users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes."""
+        lanes = len(rngs)
+        per_lane = k * users_per_step
+        users = np.empty(lanes * per_lane, dtype=np.int64)  # [U] lane-major
+        picks = np.empty((lanes * per_lane, inner_batch), dtype=np.int64)
+        draws = np.zeros((lanes * per_lane, inner_batch, num_negatives), dtype=np.int64)
+        for m, rng in enumerate(rngs):
+            pool = None if lane_users is None else lane_users[m]
+            chosen = rng.integers(0, len(self) if pool is None else len(pool), per_lane)
+            chosen = chosen if pool is None else pool[chosen]  # uniform over the lane's users
+            lo = m * per_lane
+            users[lo : lo + per_lane] = chosen
+            for j, u in enumerate(chosen):
+                n = int(self.n_windows[u])
+                picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
+            if num_negatives > 0:
+                draws[lo : lo + per_lane] = rng.integers(
+                    1, num_items, (per_lane, inner_batch, num_negatives)
+                )
         starts = self.starts[users, None]  # [U, 1]
         target_pos = starts + 1 + picks  # [U, K] index into flat
         windows = self._windows(target_pos, starts)  # [U, K, L]
@@ -85,9 +118,8 @@ class TaskSampler:
         shape = (lanes, k, users_per_step * inner_batch)
         negatives = None
         if num_negatives > 0:
-            # uniform over 1..N without the positive: draw from 1..N-1, shift values >= pos
-            draw = rng.integers(1, num_items, (*targets.shape, num_negatives))
-            negatives = (draw + (draw >= targets[..., None])).reshape(*shape, num_negatives)
+            # uniform over 1..N without the positive: drawn from 1..N-1, values >= pos shifted
+            negatives = (draws + (draws >= targets[..., None])).reshape(*shape, num_negatives)
         windows = windows.reshape(*shape, self.max_len)
         if all_positions:
             rows, slot_row, slot_pos = self._shared_rows(target_pos, lanes, k, users_per_step)

@@ -4,6 +4,7 @@ accuracy, AUC) like the model."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -11,13 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.comm import LocalComm
+from dist_tp.comm import LocalComm, broadcast_module
 from dist_tp.config import Config
 from dist_tp.data.stream import load_sequences
 from dist_tp.tp.discriminator import Discriminator, auc
 from dist_tp.tp.lanes import InnerLoop
 from dist_tp.tp.outer import OuterUpdate
 from dist_tp.tp.sampler import TaskSampler
+
+log = logging.getLogger(__name__)
 
 
 def disc_figures(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -48,7 +51,22 @@ class TPStepper:
         if sampler is None:
             seqs = load_sequences(cfg.data.path, roles=["existing"])
             sampler = TaskSampler(seqs, max_len=cfg.model.max_len)
+        if self.comm.world_size > 1:
+            parts = sampler.partition(self.comm.world_size)
+            loads = [int(sampler.n_windows[p].sum()) for p in parts]
+            log.info(
+                "rank %d: %d users, %d windows; imbalance max/mean %.4f",
+                self.comm.rank,
+                len(parts[self.comm.rank]),
+                loads[self.comm.rank],
+                max(loads) / (sum(loads) / len(loads)),
+            )
+            sampler = sampler.subset(parts[self.comm.rank])
+            broadcast_module(model, self.comm)
+            if self.disc is not None:
+                broadcast_module(self.disc, self.comm)
         self.sampler = sampler
+        self.lane_users: list[np.ndarray] | None = None  # tests: pin lanes to user subsets
         self.inner = InnerLoop(
             model,
             self.disc,
@@ -72,18 +90,27 @@ class TPStepper:
     def modules(self) -> dict:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
 
-    def outer_step(self, rng: np.random.Generator):
-        """One outer step; returns the inner loop's stats."""
+    def outer_step(self, epoch: int, step: int):
+        """One outer step; returns the inner loop's stats.
+
+        Lane m of rank r draws from its own generator seeded by (seed, epoch, step, r·M + m),
+        so W ranks × M lanes sample exactly what one process with W·M lanes would.
+        """
         tp, train = self.cfg.tp, self.cfg.train
+        first_lane = self.comm.rank * tp.lanes
+        rngs = [
+            np.random.default_rng([train.seed, epoch, step, first_lane + m])
+            for m in range(tp.lanes)
+        ]
         batch = self.sampler.sample(
-            rng,
-            lanes=tp.lanes,
+            rngs,
             k=tp.k,
             users_per_step=tp.users_per_step,
             inner_batch=tp.inner_batch,
             num_negatives=train.num_negatives if train.loss == "bce" else 0,
             num_items=self.model.num_items,
             all_positions=self.model.supports_all_positions,
+            lane_users=self.lane_users,
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
@@ -94,15 +121,14 @@ class TPStepper:
 
     def run_epoch(self, epoch: int) -> dict:
         self.model.train()
-        rng = np.random.default_rng([self.cfg.train.seed, epoch, self.comm.rank])
         started = time.perf_counter()
         losses, dlosses, logits, labels = [], [], [], []
         show = self.cfg.train.progress and self.comm.is_main
         bar = tqdm(
             range(self.steps_per_epoch), desc=f"tp epoch {epoch}", disable=not show, leave=False
         )
-        for _ in bar:
-            stats = self.outer_step(rng)
+        for step in bar:
+            stats = self.outer_step(epoch, step)
             losses.append(stats.pred_loss)
             dlosses.append(stats.disc_loss)
             logits.append(stats.disc_logits)

@@ -1,0 +1,39 @@
+"""Run a few TP outer steps under torchrun and save rank 0's parameters (for the W×M test).
+
+torchrun --nproc-per-node W tests/scripts/tp_steps.py PREPARED OUT LANES STEPS
+"""
+
+import sys
+
+import torch
+
+from dist_tp.config import load_config
+from dist_tp.data.stream import open_prepared
+from dist_tp.distributed import init_distributed
+from dist_tp.models import build_model
+from dist_tp.tp.trainer import TPStepper
+
+path, out, lanes, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+comm = init_distributed()
+cfg = load_config(
+    "configs/tiny.yaml",
+    [
+        f"data.path={path}",
+        "model.dropout=0.0",
+        "train.loss=bce",
+        "train.method=tp",
+        f"tp.lanes={lanes}",
+        "tp.inner_batch=8",
+    ],
+)
+torch.manual_seed(comm.rank)  # different on purpose: rank 0's parameters must win
+model = build_model(cfg.model, open_prepared(path).num_items)
+stepper = TPStepper(model, cfg, comm=comm)
+for step in range(steps):
+    stepper.outer_step(0, step)
+params = {n: p.detach() for n, p in stepper.modules()["model"].named_parameters()}
+params.update({f"disc.{n}": p.detach() for n, p in stepper.disc.named_parameters()})
+gathered = [comm.all_reduce_sum(torch.cat([p.reshape(-1) for p in params.values()]))]
+if comm.rank == 0:
+    torch.save({"params": params, "sum_over_ranks": gathered[0]}, out)
+comm.close()
