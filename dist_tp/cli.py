@@ -116,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
     comm = init_distributed()
+    if not comm.is_main:  # one voice: rank 0 logs, the others only warn
+        logging.getLogger("dist_tp").setLevel(logging.WARNING)
     try:
         # under torchrun --max-restarts, a restarted worker continues from last.pt
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0

@@ -77,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    checkpoint_every: int = 0
+    """TP: also write ``last.pt`` every this many outer steps (0: at epoch ends only)."""
     progress: bool = True
 
     def __post_init__(self) -> None:

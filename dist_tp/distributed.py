@@ -49,7 +49,8 @@ class DistComm(LocalComm):
         dist.destroy_process_group()
 
     def abort(self) -> None:
-        dist.destroy_process_group()
+        """After a failure another rank may be gone: any collective (a barrier, or
+        ``destroy_process_group`` waiting on peers) could block, so leave without one."""
 
 
 def init_distributed(timeout_s: int = 600) -> LocalComm:
@@ -60,7 +61,27 @@ def init_distributed(timeout_s: int = 600) -> LocalComm:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's store outlives a restart, and so do the previous workers' addresses in
+        # it; a key prefix per restart keeps new workers from dialling the dead ones.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timeout,
+        )
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(f"dist_tp/restart{restart}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=world,
+            timeout=timeout,
+        )
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     comm = DistComm()
     log.info("rank %d of %d (%s)", comm.rank, comm.world_size, backend)
     return comm

@@ -108,7 +108,10 @@ class JointStepper:
     def modules(self) -> dict:
         return {"model": self.model}
 
-    def run_epoch(self, epoch: int) -> dict:
+    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
+        """One epoch; checkpoints are taken at epoch ends only (``start_step`` must be 0)."""
+        if start_step != 0:
+            raise ValueError("joint training resumes at epoch boundaries only")
         cfg, model = self.cfg, self.model
         model.train()
         self.stream.set_epoch(epoch)
@@ -226,7 +229,7 @@ def _seed_epoch(cfg: Config, epoch: int, rank: int) -> None:
 def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
     modules, model = stepper.modules(), stepper.model
     history: list[dict] = []
-    start, best, since_best = 0, -math.inf, 0
+    start, start_step, best, since_best = 0, 0, -math.inf, 0
     if resume and (out / "last.pt").is_file():
         state = load_checkpoint(out / "last.pt")
         for name, module in modules.items():
@@ -234,11 +237,35 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
         stepper.load_state_dict(state["stepper"])
         set_rng_state(state["rng"])
         history = state["history"]
-        start, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
-        log.info("resumed from %s at epoch %d", out / "last.pt", start)
+        best, since_best = state["best"], state["since_best"]
+        if state.get("epoch_done", True):
+            start = state["epoch"] + 1
+        else:
+            start, start_step = state["epoch"], state["next_step"]
+        log.info("resumed from %s at epoch %d, step %d", out / "last.pt", start, start_step)
+
+    def save_last(epoch: int, next_step: int, epoch_done: bool) -> None:
+        if comm.is_main:
+            extra = {
+                "best": best,
+                "since_best": since_best,
+                "stepper": stepper.state_dict(),
+                "next_step": next_step,
+                "epoch_done": epoch_done,
+            }
+            save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
+        comm.barrier()  # rank 0's files are complete before anyone reads them
+
+    every = cfg.train.checkpoint_every
     for epoch in range(start, cfg.train.epochs):
         _seed_epoch(cfg, epoch, comm.rank)
-        record = {"epoch": epoch, **stepper.run_epoch(epoch)}
+
+        def on_step(step: int, epoch: int = epoch) -> None:
+            if every and (step + 1) % every == 0:
+                save_last(epoch, step + 1, epoch_done=False)
+
+        first = start_step if epoch == start else 0
+        record = {"epoch": epoch, **stepper.run_epoch(epoch, start_step=first, on_step=on_step)}
         validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         if validate:
             t0 = time.perf_counter()
@@ -267,9 +294,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
         )
         if comm.is_main:
             write_json(out / "history.json", history)
-            extra = {"best": best, "since_best": since_best, "stepper": stepper.state_dict()}
-            save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
-        comm.barrier()  # rank 0's files are complete before anyone reads them
+        save_last(epoch, 0, epoch_done=True)
         if validate and since_best >= cfg.train.patience:
             log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)
             break

@@ -34,8 +34,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -115,3 +115,76 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
         for group in ("all", "head", "tail"):
             for key, value in single[role][group].items():
                 assert metrics[role][group][key] == pytest.approx(value, abs=1e-12)
+
+
+def _last_state(path: Path) -> dict | None:
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
+def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(prepared, tmp_path):
+    import signal
+    import time
+
+    path = prepared("ml-100k")
+    args = [
+        "-m",
+        "dist_tp",
+        "train",
+        "configs/tiny.yaml",
+        f"data.path={path}",
+        "train.method=tp",
+        "train.epochs=2",
+        "train.patience=9",
+        "train.checkpoint_every=50",
+        "tp.lanes=2",
+    ]
+    torchrun(2, *args, "--output", str(tmp_path / "plain"))
+
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *args,
+        "--output",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    agent = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.time() + 240
+        killed = False
+        while time.time() < deadline and not killed:
+            state = _last_state(out / "last.pt")
+            if state is not None and not state["epoch_done"] and state["next_step"] >= 100:
+                workers = subprocess.run(
+                    ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
+                ).stdout.split()
+                assert len(workers) == 2, workers
+                os.kill(int(workers[-1]), signal.SIGKILL)
+                killed = True
+            time.sleep(0.05)
+        assert killed, "the run never reached step 100"
+        log, _ = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, log.decode()[-3000:]
+    assert b"resumed from" in log
+    plain = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    for part in ("model", "disc"):
+        for name, value in plain[part].items():
+            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6)
+    a = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert a["existing"] == b["existing"] and a["new"] == b["new"]

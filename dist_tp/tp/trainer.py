@@ -97,6 +97,9 @@ class TPStepper:
         so W ranks × M lanes sample exactly what one process with W·M lanes would.
         """
         tp, train = self.cfg.tp, self.cfg.train
+        # dropout's stream depends only on (seed, epoch, step, rank): exact mid-epoch resume
+        seq = np.random.SeedSequence([train.seed, epoch, step, self.comm.rank])
+        torch.manual_seed(int(seq.generate_state(1)[0]))
         first_lane = self.comm.rank * tp.lanes
         rngs = [
             np.random.default_rng([train.seed, epoch, step, first_lane + m])
@@ -119,16 +122,18 @@ class TPStepper:
         self.outer.step(ordered)
         return stats
 
-    def run_epoch(self, epoch: int) -> dict:
+    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
+        """Outer steps ``start_step..`` of the epoch; ``on_step(step)`` after each one."""
         self.model.train()
         started = time.perf_counter()
         losses, dlosses, logits, labels = [], [], [], []
         show = self.cfg.train.progress and self.comm.is_main
-        bar = tqdm(
-            range(self.steps_per_epoch), desc=f"tp epoch {epoch}", disable=not show, leave=False
-        )
+        steps = range(start_step, self.steps_per_epoch)
+        bar = tqdm(steps, desc=f"tp epoch {epoch}", disable=not show, leave=False)
         for step in bar:
             stats = self.outer_step(epoch, step)
+            if on_step is not None:
+                on_step(step)
             losses.append(stats.pred_loss)
             dlosses.append(stats.disc_loss)
             logits.append(stats.disc_logits)
@@ -136,7 +141,7 @@ class TPStepper:
             rate = len(losses) * self.windows_per_step / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
         seconds = time.perf_counter() - started
-        windows = self.steps_per_epoch * self.windows_per_step
+        windows = len(steps) * self.windows_per_step
         record = {
             "loss": float(np.mean(losses)),
             "windows": windows,
