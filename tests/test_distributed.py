@@ -188,3 +188,38 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(prepared, tmp_
     a = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
     assert a["existing"] == b["existing"] and a["new"] == b["new"]
+
+
+def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
+    """Two torchrun agents ("nodes", one process each) meet through c10d rendezvous."""
+    port = free_port()
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=loopback",
+        "-m",
+        "dist_tp",
+        "train",
+        "configs/tiny.yaml",
+        f"data.path={prepared('ml-100k')}",
+        "train.method=tp",
+        "train.epochs=1",
+        "tp.lanes=2",
+        "--output",
+        str(out),
+    ]
+    nodes = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    logs = [node.communicate(timeout=300)[0].decode() for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "rank 0 of 2" in "".join(logs)
+    assert json.loads((out / "metrics.json").read_text())["existing"]["all"]["users"] == 754
