@@ -25,6 +25,9 @@ class LocalComm:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor
 
@@ -43,3 +46,20 @@ def broadcast_module(module: torch.nn.Module, comm: LocalComm) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             comm.broadcast_(tensor.data, src=0)
+
+
+def check_replicas(params: list[torch.Tensor], comm: LocalComm, *, step: int) -> None:
+    """Fail loudly when the ranks' parameters have drifted apart (debug option).
+
+    Compares a float64 checksum per parameter tensor: the max over ranks of (x, -x) gives
+    both the largest and the smallest value in one collective.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in params])  # [P]
+    both = comm.all_reduce_max(torch.cat([sums, -sums]))
+    spread = both[: len(sums)] + both[len(sums) :]  # max - min per tensor
+    if float(spread.max()) > 0.0:
+        worst = int(spread.argmax())
+        raise RuntimeError(
+            f"replicas drifted at outer step {step}: parameter #{worst} differs across ranks "
+            f"by {float(spread[worst]):.3e} (checksum)"
+        )

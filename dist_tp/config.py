@@ -113,6 +113,10 @@ class TPConfig:
     """Train the head/tail discriminator (with λ = 0 it only monitors)."""
     disc_hidden: list[int] = field(default_factory=lambda: [64])
     """Hidden layer sizes of the discriminator MLP."""
+    compress: str = "none"
+    """Pseudo-gradient dtype on the wire between ranks: ``none`` (float32), ``bf16``, ``fp16``."""
+    check_replicas_every: int = 0
+    """Debug: every N outer steps compare a parameter checksum across ranks; fail on drift."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.lanes < 1 or self.inner_batch < 1 or self.users_per_step < 1:
@@ -123,6 +127,8 @@ class TPConfig:
             )
         if self.lambda_adv < 0:
             raise ConfigError("tp.lambda_adv must be >= 0")
+        if self.compress not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
 
 
 @dataclass

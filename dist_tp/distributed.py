@@ -37,6 +37,11 @@ class DistComm(LocalComm):
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(tensor, src=src)
         return tensor

@@ -223,3 +223,44 @@ def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert "rank 0 of 2" in "".join(logs)
     assert json.loads((out / "metrics.json").read_text())["existing"]["all"]["users"] == 754
+
+
+def test_fp16_pseudo_gradients_and_the_replica_check(prepared, tmp_path):
+    path = prepared("ml-100k")
+    checks = ["tp.check_replicas_every=1"]
+    torchrun(2, "tests/scripts/tp_steps.py", path, str(tmp_path / "f32.pt"), "2", "2", *checks)
+    torchrun(
+        2,
+        "tests/scripts/tp_steps.py",
+        path,
+        str(tmp_path / "f16.pt"),
+        "2",
+        "2",
+        "tp.compress=fp16",
+        *checks,
+    )
+    f32 = torch.load(tmp_path / "f32.pt", weights_only=True)["params"]
+    f16 = torch.load(tmp_path / "f16.pt", weights_only=True)["params"]
+    for name, value in f32.items():  # Adam steps of 1e-3 from slightly rounded gradients
+        torch.testing.assert_close(f16[name], value, rtol=0, atol=5e-3)
+    assert any(not torch.equal(f16[n], v) for n, v in f32.items())  # fp16 was on the wire
+    # a replica nudged on one rank is caught at the next check
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "tests/scripts/tp_steps.py",
+        path,
+        str(tmp_path / "x.pt"),
+        "2",
+        "3",
+        "perturb=1",
+        *checks,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "replicas drifted at outer step 1" in res.stdout + res.stderr

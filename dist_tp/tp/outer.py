@@ -11,9 +11,19 @@ from dist_tp.comm import LocalComm
 
 
 class OuterUpdate:
-    def __init__(self, params: list[nn.Parameter], *, optimizer: str, lr: float, comm=None) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        *,
+        optimizer: str,
+        lr: float,
+        comm=None,
+        compress: str = "none",
+    ) -> None:
         self.params = params
         self.comm = comm or LocalComm()
+        self.wire_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[compress]
+        self.bytes_sent = 0  # pseudo-gradient bytes put on the wire by this rank
         if optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=lr)
         else:
@@ -22,7 +32,10 @@ class OuterUpdate:
     def step(self, grads: list[Tensor]) -> None:
         """Average ``grads`` (aligned with ``params``) over processes, then one optimizer step."""
         flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket
-        flat = self.comm.all_reduce_mean(flat)
+        if self.comm.world_size > 1:
+            wire = flat if self.wire_dtype is None else flat.to(self.wire_dtype)
+            self.bytes_sent += wire.numel() * wire.element_size()
+            flat = self.comm.all_reduce_mean(wire).to(torch.float32)
         offset = 0
         for p in self.params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.comm import LocalComm, broadcast_module
+from dist_tp.comm import LocalComm, broadcast_module, check_replicas
 from dist_tp.config import Config
 from dist_tp.data.stream import load_sequences
 from dist_tp.tp.discriminator import Discriminator, auc
@@ -78,7 +78,11 @@ class TPStepper:
             [] if self.disc is None else list(self.disc.parameters())
         )
         self.outer = OuterUpdate(
-            self.params, optimizer=tp.outer_optimizer, lr=tp.outer_lr, comm=self.comm
+            self.params,
+            optimizer=tp.outer_optimizer,
+            lr=tp.outer_lr,
+            comm=self.comm,
+            compress=tp.compress,
         )
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
@@ -120,6 +124,9 @@ class TPStepper:
         if self.disc is not None:
             ordered += [dgrads[n] for n, _ in self.disc.named_parameters()]
         self.outer.step(ordered)
+        every = tp.check_replicas_every
+        if every and (step + 1) % every == 0:
+            check_replicas(self.params, self.comm, step=step)
         return stats
 
     def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:

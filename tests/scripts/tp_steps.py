@@ -14,6 +14,8 @@ from dist_tp.models import build_model
 from dist_tp.tp.trainer import TPStepper
 
 path, out, lanes, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+extra = [a for a in sys.argv[5:] if not a.startswith("perturb=")]
+perturb = "perturb=1" in sys.argv[5:]
 comm = init_distributed()
 cfg = load_config(
     "configs/tiny.yaml",
@@ -24,6 +26,7 @@ cfg = load_config(
         "train.method=tp",
         f"tp.lanes={lanes}",
         "tp.inner_batch=8",
+        *extra,
     ],
 )
 torch.manual_seed(comm.rank)  # different on purpose: rank 0's parameters must win
@@ -31,6 +34,9 @@ model = build_model(cfg.model, open_prepared(path).num_items)
 stepper = TPStepper(model, cfg, comm=comm)
 for step in range(steps):
     stepper.outer_step(0, step)
+    if perturb and step == 0 and comm.rank == 1:
+        with torch.no_grad():
+            next(model.parameters())[1, 0] += 1e-3
 params = {n: p.detach() for n, p in stepper.modules()["model"].named_parameters()}
 params.update({f"disc.{n}": p.detach() for n, p in stepper.disc.named_parameters()})
 gathered = [comm.all_reduce_sum(torch.cat([p.reshape(-1) for p in params.values()]))]
