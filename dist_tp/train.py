@@ -1,9 +1,11 @@
-"""Joint training (the paper's backbones without TP) and the run folder it writes.
+"""The run: build the model, fit it (joint epochs here, TP epochs from ``dist_tp.tp``), keep
+the best checkpoint, evaluate, and write the run folder (rank 0 writes; all ranks evaluate).
 
-One epoch streams the existing users' tasks from the prepared folder in pools of users; each
-pool's rows are shuffled and packed into mini-batches of about ``batch_size`` windows, so a
-mini-batch mixes users. Validation NDCG@10 after each epoch drives early stopping; the best
-model is kept and finally evaluated on the test targets of existing and new users.
+Joint training (the paper's backbones without TP): one epoch streams the existing users'
+tasks from the prepared folder in pools of users; each pool's rows are shuffled and packed
+into mini-batches of about ``batch_size`` windows, so a mini-batch mixes users. Validation
+NDCG@10 after each epoch drives early stopping; the best model is kept and finally
+evaluated on the test targets of existing and new users.
 
 Run folder: ``config.yaml`` (resolved), ``checkpoint.pt`` (best model), ``last.pt`` (resume
 point), ``history.json`` (per-epoch figures) and ``metrics.json``.
