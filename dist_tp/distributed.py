@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 class DistComm(LocalComm):
     """Collectives over the default process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, store=None) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.store = store
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
@@ -52,6 +53,11 @@ class DistComm(LocalComm):
     def close(self) -> None:
         dist.barrier()
         dist.destroy_process_group()
+        if self.store is not None:
+            # leave only once every rank has torn its process group down: a rank exiting
+            # while a peer still holds gloo connections to it can abort that peer
+            self.store.set(f"exit/{self.rank}", "1")
+            self.store.wait([f"exit/{r}" for r in range(self.world_size)])
 
     def abort(self) -> None:
         """After a failure another rank may be gone: any collective (a barrier, or
@@ -78,15 +84,17 @@ def init_distributed(timeout_s: int = 600) -> LocalComm:
             is_master=False,
             timeout=timeout,
         )
+        store = dist.PrefixStore(f"dist_tp/restart{restart}", store)
         dist.init_process_group(
             backend=backend,
-            store=dist.PrefixStore(f"dist_tp/restart{restart}", store),
+            store=store,
             rank=int(os.environ["RANK"]),
             world_size=world,
             timeout=timeout,
         )
     else:
+        store = None
         dist.init_process_group(backend=backend, timeout=timeout)
-    comm = DistComm()
+    comm = DistComm(store)
     log.info("rank %d of %d (%s)", comm.rank, comm.world_size, backend)
     return comm

@@ -28,18 +28,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [
+def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> list[str]:
+    """A torchrun command line on loopback with a fresh rendezvous port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *launcher,
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(*args, nproc=nproc)
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -144,21 +152,9 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(prepared, tmp_
     torchrun(2, *args, "--output", str(tmp_path / "plain"))
 
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--max-restarts=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        *args,
-        "--output",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = torchrun_cmd(*args, "--output", str(out), launcher=("--max-restarts=1",))
     agent = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         deadline = time.time() + 240
@@ -192,18 +188,9 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(prepared, tmp_
 
 def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
     """Two torchrun agents ("nodes", one process each) meet through c10d rendezvous."""
-    port = free_port()
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=2",
-        "--nproc-per-node=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=loopback",
+    launcher = ("--nnodes=2", "--rdzv-id=loopback")
+    cmd = torchrun_cmd(
         "-m",
         "dist_tp",
         "train",
@@ -214,9 +201,11 @@ def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
         "tp.lanes=2",
         "--output",
         str(out),
-    ]
+        nproc=1,
+        launcher=launcher,
+    )
     nodes = [
-        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]
     logs = [node.communicate(timeout=300)[0].decode() for node in nodes]
@@ -245,22 +234,9 @@ def test_fp16_pseudo_gradients_and_the_replica_check(prepared, tmp_path):
         torch.testing.assert_close(f16[name], value, rtol=0, atol=5e-3)
     assert any(not torch.equal(f16[n], v) for n, v in f32.items())  # fp16 was on the wire
     # a replica nudged on one rank is caught at the next check
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        "tests/scripts/tp_steps.py",
-        path,
-        str(tmp_path / "x.pt"),
-        "2",
-        "3",
-        "perturb=1",
-        *checks,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun_cmd(
+        "tests/scripts/tp_steps.py", path, str(tmp_path / "x.pt"), "2", "3", "perturb=1", *checks
+    )
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "replicas drifted at outer step 1" in res.stdout + res.stderr
