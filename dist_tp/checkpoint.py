@@ -44,12 +44,3 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
-
-
-def rng_state() -> dict:
-    """torch's CPU RNG state (dropout); numpy generators are derived from seeds per epoch."""
-    return {"torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])

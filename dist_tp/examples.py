@@ -39,13 +39,12 @@ class Rows:
         return (self.targets > 0).sum(1)
 
 
-def _windows(flat: np.ndarray, ends: np.ndarray, starts: np.ndarray, max_len: int) -> np.ndarray:
-    """Left-padded windows ``flat[max(start, end-L):end]`` for each (start, end) → [R, L]."""
-    cols = np.arange(-max_len, 0)  # [L]
-    idx = ends[:, None] + cols[None, :]  # [R, L]
-    valid = idx >= starts[:, None]
-    out = np.where(valid, flat[np.clip(idx, 0, None)], 0)
-    return out.astype(np.int64)
+def windows(flat: np.ndarray, ends: np.ndarray, starts: np.ndarray, max_len: int) -> np.ndarray:
+    """Left-padded ``flat[max(start, end-L):end]`` for each (start, end), any leading shape
+    → [..., L]."""
+    idx = ends[..., None] + np.arange(-max_len, 0)  # [..., L]
+    valid = idx >= starts[..., None]
+    return np.where(valid, flat[np.clip(idx, 0, None)], 0).astype(np.int64)
 
 
 def training_rows(
@@ -61,18 +60,18 @@ def training_rows(
     first_target = starts + 1
     target_pos = first_target[user_of] + concat_ranges(n_targets)  # [W]
     if not all_positions:
-        inputs = _windows(flat, target_pos, starts[user_of], max_len)
+        inputs = windows(flat, target_pos, starts[user_of], max_len)
         targets = np.zeros_like(inputs)
         targets[:, -1] = flat[target_pos]
         return Rows(inputs, targets)
     # first row per user: inputs s_1..s_m, targets s_2..s_{m+1}, m = min(L, n_train - 1)
     m = np.minimum(n_targets, max_len)
     has = m > 0
-    head_in = _windows(flat, (starts + m)[has], starts[has], max_len)
-    head_tg = _windows(flat, (starts + m + 1)[has], (starts + 1)[has], max_len)
+    head_in = windows(flat, (starts + m)[has], starts[has], max_len)
+    head_tg = windows(flat, (starts + m + 1)[has], (starts + 1)[has], max_len)
     # later targets (index >= L+1 within the user) each get a full window
     later = target_pos - starts[user_of] > max_len
-    tail_in = _windows(flat, target_pos[later], starts[user_of][later], max_len)
+    tail_in = windows(flat, target_pos[later], starts[user_of][later], max_len)
     tail_tg = np.zeros_like(tail_in)
     tail_tg[:, -1] = flat[target_pos[later]]
     return Rows(np.concatenate([head_in, tail_in]), np.concatenate([head_tg, tail_tg]))
@@ -99,9 +98,9 @@ def eval_queries(seqs: UserSequences, *, max_len: int, offset: int) -> Queries:
     target_pos, starts = target_pos[ok], starts[ok]
     hist_len = int((target_pos - starts).max()) if len(target_pos) else 1
     return Queries(
-        inputs=_windows(flat, target_pos, starts, max_len),
+        inputs=windows(flat, target_pos, starts, max_len),
         targets=flat[target_pos],
-        history=_windows(flat, target_pos, starts, max(hist_len, 1)),
+        history=windows(flat, target_pos, starts, max(hist_len, 1)),
         is_head=seqs.is_head[ok],
         user=seqs.user[ok],
     )

@@ -26,9 +26,7 @@ from tqdm import tqdm
 
 from dist_tp.checkpoint import (
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     write_json,
     write_text,
 )
@@ -215,7 +213,6 @@ def _ckpt(modules: dict, cfg: Config, epoch: int, history: list, **extra) -> dic
         "config": to_dict(cfg),
         "epoch": epoch,
         "history": history,
-        "rng": rng_state(),
         **extra,
     }
 
@@ -237,7 +234,6 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
         for name, module in modules.items():
             module.load_state_dict(state[name])
         stepper.load_state_dict(state["stepper"])
-        set_rng_state(state["rng"])
         history = state["history"]
         best, since_best = state["best"], state["since_best"]
         if state.get("epoch_done", True):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_tp.data.stream import UserSequences
+from dist_tp.examples import windows
 
 
 @dataclass
@@ -139,9 +140,7 @@ class TaskSampler:
         )
 
     def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Left-padded ``flat[max(start, end - L):end]`` for each end → [..., L]."""
-        idx = ends[..., None] + np.arange(-self.max_len, 0)  # [..., L]
-        return np.where(idx >= starts[..., None], self.flat[np.clip(idx, 0, None)], 0)
+        return windows(self.flat, ends, starts, self.max_len)
 
     def _shared_rows(self, target_pos: np.ndarray, lanes: int, k: int, per_step: int):
         """Rows for an all-positions encoder: per user one row of its first L items (serving
