@@ -1,4 +1,5 @@
-"""The ``dist-tp`` command line: prepare, stats, train, evaluate, table.
+"""The ``dist-tp`` command line: prepare, stats, train, evaluate, table, mlflow-sync, compare,
+sweep, plot.
 
 Every user-facing failure (bad data, bad config) ends as one ``error: ...`` line on stderr and
 exit status 2 — never a traceback from deep inside.
@@ -113,23 +114,93 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: pass data.path=DIR (a 'dist-tp prepare' output)")
     from dist_tp.distributed import init_distributed
+    from dist_tp.tracking import make_tracker
 
     out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
     comm = init_distributed()
     if not comm.is_main:  # one voice: rank 0 logs, the others only warn
         logging.getLogger("dist_tp").setLevel(logging.WARNING)
+    # under torchrun --max-restarts, a restarted worker continues from last.pt
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or restarted
+    tracker = make_tracker(cfg, out, is_main=comm.is_main, fresh=not resume)
     try:
-        # under torchrun --max-restarts, a restarted worker continues from last.pt
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        metrics = run_training(cfg, out, resume=args.resume or restarted, comm=comm)
-    except BaseException:
+        metrics = run_training(cfg, out, resume=resume, comm=comm, tracker=tracker)
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         comm.abort()
         raise
     comm.close()
     if comm.is_main:
         print(format_metrics(metrics))
         print(f"run folder: {out}")
+        if tracker.run_id:
+            print(
+                f"MLflow run {tracker.run_id} in experiment {cfg.track.experiment!r} at "
+                f"{tracker.uri}; browse it with: mlflow ui --backend-store-uri {tracker.uri}"
+            )
     return 0
+
+
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from dist_tp.tracking import sync
+
+    for folder in args.runs:
+        sent, run_id, uri = sync(folder, args.uri)
+        print(f"{folder}: {sent} events sent to run {run_id or '?'} at {uri}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dist_tp.report import compare_tables, load_runs, make_rows, write_csv
+
+    runs = load_runs(args.experiment, args.uri or "")
+    if not runs:
+        raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+    text, records = compare_tables(make_rows(runs), args.metric or ["HR@10", "NDCG@10"])
+    print(text)
+    if args.csv:
+        write_csv(args.csv, records)
+        print(f"CSV: {args.csv}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dist_tp.plots import experiment_figures
+    from dist_tp.report import load_runs, make_rows
+    from dist_tp.tracking import log_figures
+
+    runs = load_runs(args.experiment, args.uri or "")
+    if not runs:
+        raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+    paths = experiment_figures(runs, make_rows(runs), args.out)
+    for path in paths:
+        print(path)
+    if paths and not args.no_log:
+        run_id = log_figures(args.experiment, paths, args.uri or "")
+        print(f"logged as artifacts of MLflow run {run_id} ('plots')")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dist_tp.sweep import execute, plan
+
+    experiment = args.experiment or f"{Path(args.config).stem}-sweep"
+    out = args.out or f"runs/sweep/{experiment}"
+    runs = plan(
+        args.config,
+        args.grid or [],
+        args.seeds,
+        out=out,
+        experiment=experiment,
+        overrides=args.overrides,
+    )
+    status = execute(args.config, runs, parallel=args.parallel)
+    for name, result in status.items():
+        print(f"{name}: {result}")
+    failed = [n for n, r in status.items() if r.startswith("failed")]
+    print(f"{len(status) - len(failed)}/{len(status)} runs done; experiment {experiment!r}")
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -187,7 +258,9 @@ def format_metrics(metrics: dict, ks: tuple[int, ...] = (10,)) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from dist_tp.data.readers import FORMATS
 
-    parser = argparse.ArgumentParser(prog="dist-tp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dist-tp", description="Sequential recommenders for tail and new users."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -228,6 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
     p.add_argument("run", help="run folder or checkpoint file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("mlflow-sync", help="replay a run folder's spooled MLflow events")
+    p.add_argument("runs", nargs="+", help="run folders (with mlflow/spool.jsonl)")
+    p.add_argument("--uri", help="tracking URI (default: the one the run started with)")
+    p.set_defaults(func=cmd_mlflow_sync)
+
+    p = sub.add_parser("compare", help="Table 3 and the head/tail breakdown from MLflow runs")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--metric", action="append", help="HR@10, NDCG@10, HR@20, ... (repeatable)")
+    p.add_argument("--csv", help="also write the long-format table here")
+    p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="a grid of runs x seeds into one MLflow experiment")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value for every run")
+    p.add_argument("--grid", action="append", help="key=v1,v2,... (repeatable: the product)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every grid point")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--experiment", help="MLflow experiment (default: <config>-sweep)")
+    p.add_argument("--out", help="runs go to OUT/<name> (default: runs/sweep/<experiment>)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="the paper's figures from an MLflow experiment")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)")
+    p.add_argument("--no-log", action="store_true", help="do not log the figures to MLflow")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

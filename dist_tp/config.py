@@ -140,12 +140,36 @@ class EvalConfig:
 
 
 @dataclass
+class TrackConfig:
+    """MLflow tracking of ``dist-tp train`` (rank 0 only); see ``dist_tp/tracking.py``."""
+
+    enabled: bool = True
+    uri: str = ""
+    """Tracking URI; empty: ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db``
+    in the working folder)."""
+    experiment: str = "dist-tp"
+    run_name: str = ""
+    """Empty: the run folder's name."""
+    log_every: int = 50
+    """TP: log the mean step loss every this many outer steps (0: per epoch only)."""
+    log_checkpoint: bool = True
+    """Upload the best checkpoint as an artifact."""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 0:
+            raise ConfigError("track.log_every must be >= 0")
+        if not self.experiment:
+            raise ConfigError("track.experiment must not be empty")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tp: TPConfig = field(default_factory=TPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -42,6 +42,7 @@ from dist_tp.data.stream import (
 from dist_tp.evaluate import evaluate
 from dist_tp.examples import Rows, eval_queries, training_rows
 from dist_tp.models import Popularity, build_model
+from dist_tp.tracking import NullTracker, epoch_metrics, finish_run, start_run, step_metrics
 
 log = logging.getLogger(__name__)
 POOL_USERS = 512  # users whose rows are shuffled together before batching
@@ -181,9 +182,17 @@ def make_stepper(model, cfg: Config, comm):
     return JointStepper(model, cfg)
 
 
-def run_training(cfg: Config, out: str | Path, *, resume: bool = False, comm=None) -> dict:
-    """Train (or count, for popularity), evaluate, and write the run folder (rank 0 writes)."""
+def run_training(
+    cfg: Config, out: str | Path, *, resume: bool = False, comm=None, tracker=None
+) -> dict:
+    """Train (or count, for popularity), evaluate, and write the run folder (rank 0 writes).
+
+    ``tracker`` (``dist_tp.tracking.Tracker``, rank 0) receives params, per-epoch and final
+    metrics and the run's files; the CLI makes one, the Python API tracks nothing by default.
+    """
+
     comm = comm or LocalComm()
+    tracker = tracker or NullTracker()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads > 0:
@@ -192,6 +201,7 @@ def run_training(cfg: Config, out: str | Path, *, resume: bool = False, comm=Non
     prepared = open_prepared(cfg.data.path)
     if comm.is_main:
         write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        start_run(tracker, cfg, out, prepared.meta, world_size=comm.world_size)
     model = build(cfg, prepared.num_items, cfg.data.path)
     if isinstance(model, Popularity):
         if cfg.train.method != "joint":
@@ -200,10 +210,11 @@ def run_training(cfg: Config, out: str | Path, *, resume: bool = False, comm=Non
         if comm.is_main:
             save_checkpoint(out / "checkpoint.pt", _ckpt({"model": model}, cfg, 0, []))
     else:
-        metrics = _fit(make_stepper(model, cfg, comm), cfg, out, resume, comm)
+        metrics = _fit(make_stepper(model, cfg, comm), cfg, out, resume, comm, tracker)
     metrics["dataset"] = {"path": cfg.data.path, "sha256": prepared.meta["source"]["sha256"]}
     if comm.is_main:
         write_json(out / "metrics.json", metrics)
+        finish_run(tracker, cfg, out, metrics)
     return metrics
 
 
@@ -225,7 +236,7 @@ def _seed_epoch(cfg: Config, epoch: int, rank: int) -> None:
     )
 
 
-def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
+def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
     modules, model = stepper.modules(), stepper.model
     history: list[dict] = []
     start, start_step, best, since_best = 0, 0, -math.inf, 0
@@ -254,13 +265,21 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
             save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
         comm.barrier()  # rank 0's files are complete before anyone reads them
 
-    every = cfg.train.checkpoint_every
+    every, log_every = cfg.train.checkpoint_every, cfg.track.log_every
+    window: list = []  # TP inner-loop stats since the last step metrics
     for epoch in range(start, cfg.train.epochs):
         _seed_epoch(cfg, epoch, comm.rank)
 
-        def on_step(step: int, epoch: int = epoch) -> None:
+        def on_step(step: int, stats=None, epoch: int = epoch) -> None:
             if every and (step + 1) % every == 0:
                 save_last(epoch, step + 1, epoch_done=False)
+            if log_every and stats is not None:
+                window.append(stats)
+                if len(window) == log_every:
+                    tracker.log_metrics(
+                        step_metrics(window), step=epoch * stepper.steps_per_epoch + step
+                    )
+                    window.clear()
 
         first = start_step if epoch == start else 0
         record = {"epoch": epoch, **stepper.run_epoch(epoch, start_step=first, on_step=on_step)}
@@ -292,6 +311,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm) -> dict:
         )
         if comm.is_main:
             write_json(out / "history.json", history)
+            tracker.log_metrics(epoch_metrics(record), step=epoch)
         save_last(epoch, 0, epoch_done=True)
         if validate and since_best >= cfg.train.patience:
             log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)

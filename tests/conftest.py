@@ -44,3 +44,17 @@ def prepared(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    """Runs that track (``dist-tp train``) log into a store of the session's own, never into
+    ``mlflow.db`` of the working folder; subprocesses inherit it."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old

@@ -130,7 +130,7 @@ class TPStepper:
         return stats
 
     def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
-        """Outer steps ``start_step..`` of the epoch; ``on_step(step)`` after each one."""
+        """Outer steps ``start_step..`` of the epoch; ``on_step(step, stats)`` after each one."""
         self.model.train()
         started = time.perf_counter()
         losses, dlosses, logits, labels = [], [], [], []
@@ -140,7 +140,7 @@ class TPStepper:
         for step in bar:
             stats = self.outer_step(epoch, step)
             if on_step is not None:
-                on_step(step)
+                on_step(step, stats)
             losses.append(stats.pred_loss)
             dlosses.append(stats.disc_loss)
             logits.append(stats.disc_logits)
