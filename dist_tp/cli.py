@@ -151,12 +151,19 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from dist_tp.report import compare_tables, load_runs, make_rows, write_csv
+def _experiment_runs(args: argparse.Namespace) -> list:
+    from dist_tp.report import load_runs
 
     runs = load_runs(args.experiment, args.uri or "")
     if not runs:
         raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+    return runs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dist_tp.report import compare_tables, make_rows, write_csv
+
+    runs = _experiment_runs(args)
     text, records = compare_tables(make_rows(runs), args.metric or ["HR@10", "NDCG@10"])
     print(text)
     if args.csv:
@@ -167,12 +174,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from dist_tp.plots import experiment_figures
-    from dist_tp.report import load_runs, make_rows
+    from dist_tp.report import make_rows
     from dist_tp.tracking import log_figures
 
-    runs = load_runs(args.experiment, args.uri or "")
-    if not runs:
-        raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+    runs = _experiment_runs(args)
     paths = experiment_figures(runs, make_rows(runs), args.out)
     for path in paths:
         print(path)
