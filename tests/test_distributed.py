@@ -111,11 +111,18 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
         "train.method=tp",
         "train.epochs=1",
         "tp.lanes=2",
+        f"track.uri=sqlite:///{tmp_path}/mlflow.db",
         "--output",
         str(out),
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["existing"]["all"]["users"] == 754 and metrics["new"]["all"]["users"] == 189
+    # rank 0 alone tracks: one MLflow run, tagged with the world size
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("dist-tp").experiment_id])
+    assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
     from dist_tp.train import evaluate_run
 
     single, _ = evaluate_run(out)
