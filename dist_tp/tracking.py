@@ -12,8 +12,8 @@ resumed training run never sends an event twice.
 Metric names (MLflow forbids ``@``; ``HR@10`` is written ``HR_10``):
 
 - ``train/loss``, ``train/windows_per_s``, ``train/seconds``, ``train/disc_loss``,
-  ``train/disc_acc``, ``train/disc_auc``, ``valid/existing/all/NDCG_10``,
-  ``valid/existing/all/HR_10``: per epoch (step = epoch);
+  ``train/disc_acc``, ``train/disc_auc``, ``valid/existing/<all|head|tail>/<HR|NDCG>_<N>``:
+  per epoch (step = epoch);
 - ``step/loss``, ``step/disc_loss``: TP, the mean over every ``track.log_every`` outer steps
   (step = global outer step);
 - ``test/<existing|new>/<all|head|tail>/<HR|NDCG>_<N>`` and ``.../users``: the final test

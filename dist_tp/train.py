@@ -42,7 +42,14 @@ from dist_tp.data.stream import (
 from dist_tp.evaluate import evaluate
 from dist_tp.examples import Rows, eval_queries, training_rows
 from dist_tp.models import Popularity, build_model
-from dist_tp.tracking import NullTracker, epoch_metrics, finish_run, start_run, step_metrics
+from dist_tp.tracking import (
+    NullTracker,
+    epoch_metrics,
+    finish_run,
+    metrics_to_flat,
+    start_run,
+    step_metrics,
+)
 
 log = logging.getLogger(__name__)
 POOL_USERS = 512  # users whose rows are shuffled together before batching
@@ -269,6 +276,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
     window: list = []  # TP inner-loop stats since the last step metrics
     for epoch in range(start, cfg.train.epochs):
         _seed_epoch(cfg, epoch, comm.rank)
+        tracked: dict = {}  # this epoch's validation figures of every group, for MLflow
 
         def on_step(step: int, stats=None, epoch: int = epoch) -> None:
             if every and (step + 1) % every == 0:
@@ -292,6 +300,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
             ndcg = val["validation"]["existing"]["all"]["NDCG@10"]
             record.update(valid_ndcg10=ndcg, eval_seconds=time.perf_counter() - t0)
             record["valid_hr10"] = val["validation"]["existing"]["all"]["HR@10"]
+            tracked = metrics_to_flat(val["validation"], "valid")
             if ndcg > best:
                 best, since_best = ndcg, 0
                 if comm.is_main:
@@ -311,7 +320,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
         )
         if comm.is_main:
             write_json(out / "history.json", history)
-            tracker.log_metrics(epoch_metrics(record), step=epoch)
+            tracker.log_metrics({**epoch_metrics(record), **tracked}, step=epoch)
         save_last(epoch, 0, epoch_done=True)
         if validate and since_best >= cfg.train.patience:
             log.info("early stop: no better validation NDCG@10 for %d evaluations", since_best)

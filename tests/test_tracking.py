@@ -83,6 +83,7 @@ def test_train_logs_params_tags_metrics_and_artifacts(prepared, tmp_path):
     # per-epoch and per-N-outer-steps histories, and the shared discriminator's
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
     assert len(c.get_metric_history(run.info.run_id, "train/disc_auc")) == 2
+    assert len(c.get_metric_history(run.info.run_id, "valid/existing/tail/NDCG_5")) == 2
     steps = c.get_metric_history(run.info.run_id, "step/loss")
     assert len(steps) >= 2 and all((m.step + 1) % 20 == 0 for m in steps)
     assert_store_has_spool(c, run.info.run_id, out)
