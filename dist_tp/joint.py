@@ -2,8 +2,8 @@
 tasks from the prepared folder in pools of users; each pool's rows are shuffled and packed
 into mini-batches of about ``batch_size`` windows, so a mini-batch mixes users; Adam.
 
-Under torchrun the same epoch runs data-parallel with DDP (through the communicator) on each
-rank's share of the users.
+Under torchrun the same epoch runs data-parallel: DDP (through the communicator) or a
+DeepSpeed engine (``train.engine: deepspeed``), on each rank's share of the users.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dist_tp.comm import LocalComm
-from dist_tp.config import Config
+from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import UserStream, to_sequences
 from dist_tp.examples import Rows, training_rows
 
@@ -95,21 +95,36 @@ class JointStepper:
     """The baseline: mini-batches of about ``batch_size`` windows mixing users, Adam.
 
     Under torchrun each rank streams its own row groups of the existing users
-    (``UserStream`` deals them out per epoch), and the model is wrapped in DDP, which starts
-    every rank from rank 0's parameters and averages gradients. Each step all-reduces the
-    ranks' window counts n_r and weights rank r's mean loss by W·n_r / Σn, so one step equals
-    one single-process step on the union of the ranks' mini-batches. A rank that has run out
-    of mini-batches steps on with weight 0 until every rank is done: all ranks take the same
-    number of steps (DDP needs that) and no window is dropped.
+    (``UserStream`` deals them out per epoch), and the model is wrapped in DDP (or a
+    DeepSpeed engine), which starts every rank from rank 0's parameters and averages
+    gradients. Each step all-reduces the ranks' window counts n_r and weights rank r's mean
+    loss by W·n_r / Σn, so one step equals one single-process step on the union of the
+    ranks' mini-batches. A rank that has run out of mini-batches steps on with weight 0
+    until every rank is done: all ranks take the same number of steps (DDP needs that) and
+    no window is dropped.
     """
 
     def __init__(self, model, cfg: Config, comm=None) -> None:
         self.model, self.cfg = model, cfg
         self.comm = comm or LocalComm()
-        self.net = self.comm.data_parallel(JointLoss(model, cfg))
-        self.opt = torch.optim.Adam(
-            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        loss_module = JointLoss(model, cfg)
+        if cfg.train.engine == "deepspeed":
+            from dist_tp.deepspeed_engine import Engine
+
+            self.engine = Engine(
+                loss_module,
+                path=cfg.train.deepspeed,
+                lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay,
+                grad_clip=cfg.train.grad_clip,
+            )
+            self.net, self.opt = self.engine, None
+        else:
+            self.engine = None
+            self.net = self.comm.data_parallel(loss_module)
+            self.opt = torch.optim.Adam(
+                model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            )
         self.gen = torch.Generator()  # negative sampling, seeded per (epoch, rank)
         self.stream = UserStream(
             cfg.data.path,
@@ -138,6 +153,9 @@ class JointStepper:
             yield from batches(rows, cfg.train.batch_size, rng)
 
     def _update(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.update(loss)  # DeepSpeed: reduce, clip, step, zero the grads
+            return
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over ranks
         if self.cfg.train.grad_clip > 0:
@@ -192,7 +210,16 @@ class JointStepper:
         }
 
     def state_dict(self) -> dict:
+        if self.engine is not None:
+            return {"engine": self.engine.state_dict()}
         return {"optimizer": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            if "engine" not in state:
+                raise ConfigError("cannot resume: last.pt was written without DeepSpeed")
+            self.engine.load_state_dict(state["engine"])
+        elif "optimizer" not in state:
+            raise ConfigError("cannot resume: last.pt was written by a DeepSpeed engine")
+        else:
+            self.opt.load_state_dict(state["optimizer"])
