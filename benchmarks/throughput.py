@@ -26,7 +26,8 @@ from dist_tp.data.prepare import prepare
 from dist_tp.data.stream import UserStream, open_prepared, to_sequences
 from dist_tp.evaluate import evaluate
 from dist_tp.examples import training_rows
-from dist_tp.train import batch_loss, batches, build
+from dist_tp.joint import batch_loss, batches
+from dist_tp.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

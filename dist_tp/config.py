@@ -80,12 +80,26 @@ class TrainConfig:
     checkpoint_every: int = 0
     """TP: also write ``last.pt`` every this many outer steps (0: at epoch ends only)."""
     progress: bool = True
+    engine: str = "plain"
+    """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
+    (the optimizer runs inside a DeepSpeed engine, ZeRO 0-2; needs torchrun)."""
+    deepspeed: str = ""
+    """``engine: deepspeed``: the DeepSpeed JSON (e.g. ``configs/deepspeed/zero1.json``) with
+    the ZeRO stage and engine options. Optimizer, learning rate, batch sizes and gradient
+    clipping come from this config and must not be in the JSON."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
             raise ConfigError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
         if self.method not in ("joint", "tp"):
             raise ConfigError(f"train.method must be 'joint' or 'tp', got {self.method!r}")
+        if self.engine not in ("plain", "deepspeed"):
+            raise ConfigError(f"train.engine must be 'plain' or 'deepspeed', got {self.engine!r}")
+        if self.engine == "deepspeed" and not self.deepspeed:
+            raise ConfigError(
+                "train.engine=deepspeed needs train.deepspeed=FILE.json "
+                "(e.g. configs/deepspeed/zero1.json)"
+            )
 
 
 @dataclass

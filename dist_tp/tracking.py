@@ -408,7 +408,7 @@ def run_tags(cfg, meta: dict, world_size: int) -> dict[str, str]:
         "dataset.sha256": source.get("sha256", ""),
         "backbone": cfg.model.name,
         "method": cfg.train.method,
-        "engine": getattr(cfg.train, "engine", "torch"),
+        "engine": cfg.train.engine,
         "loss": cfg.train.loss,
         "seed": str(cfg.train.seed),
         "world_size": str(world_size),

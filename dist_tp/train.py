@@ -1,10 +1,8 @@
-"""The run: build the model, fit it (joint epochs here, TP epochs from ``dist_tp.tp``), keep
-the best checkpoint, evaluate, and write the run folder (rank 0 writes; all ranks evaluate).
+"""The run: build the model, fit it (joint epochs from ``dist_tp.joint``, TP epochs from
+``dist_tp.tp``), keep the best checkpoint, evaluate, and write the run folder (rank 0 writes;
+all ranks evaluate).
 
-Joint training (the paper's backbones without TP): one epoch streams the existing users'
-tasks from the prepared folder in pools of users; each pool's rows are shuffled and packed
-into mini-batches of about ``batch_size`` windows, so a mini-batch mixes users. Validation
-NDCG@10 after each epoch drives early stopping; the best model is kept and finally
+Validation NDCG@10 after each epoch drives early stopping; the best model is kept and finally
 evaluated on the test targets of existing and new users.
 
 Run folder: ``config.yaml`` (resolved), ``checkpoint.pt`` (best model), ``last.pt`` (resume
@@ -16,13 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from dist_tp.checkpoint import (
     load_checkpoint,
@@ -33,14 +29,13 @@ from dist_tp.checkpoint import (
 from dist_tp.comm import LocalComm
 from dist_tp.config import Config, ConfigError, to_dict
 from dist_tp.data.stream import (
-    UserStream,
     concat_ranges,
     load_sequences,
     open_prepared,
-    to_sequences,
 )
 from dist_tp.evaluate import evaluate
-from dist_tp.examples import Rows, eval_queries, training_rows
+from dist_tp.examples import eval_queries
+from dist_tp.joint import JointStepper
 from dist_tp.models import Popularity, build_model
 from dist_tp.tracking import (
     NullTracker,
@@ -52,7 +47,6 @@ from dist_tp.tracking import (
 )
 
 log = logging.getLogger(__name__)
-POOL_USERS = 512  # users whose rows are shuffled together before batching
 
 
 def set_seed(seed: int) -> None:
@@ -69,96 +63,6 @@ def build(cfg: Config, num_items: int, path: str):
         counts = np.bincount(seqs.items[is_train], minlength=num_items + 1)
         return Popularity(counts)
     return build_model(cfg.model, num_items)
-
-
-def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[Rows]:
-    """Shuffle rows and pack them into mini-batches of about ``batch_size`` windows."""
-    order = rng.permutation(len(rows))
-    windows = rows.windows[order]
-    batch_id = (np.cumsum(windows) - 1) // batch_size
-    bounds = np.flatnonzero(np.diff(batch_id)) + 1
-    for chunk in np.split(order, bounds):
-        yield Rows(rows.inputs[chunk], rows.targets[chunk])
-
-
-def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> torch.Tensor:
-    inputs = torch.from_numpy(rows.inputs)  # [R, L]
-    targets = torch.from_numpy(rows.targets)  # [R, L]
-    if model.supports_all_positions:
-        mask = targets > 0  # [R, L]
-        emb = model.encode_all(inputs)[mask]  # [M, D]
-        pos = targets[mask]  # [M]
-    else:
-        emb = model.encode(inputs)  # [R, D]
-        pos = targets[:, -1]  # [R]
-    return model.loss(
-        emb, pos, kind=cfg.train.loss, num_negatives=cfg.train.num_negatives, generator=generator
-    )
-
-
-class JointStepper:
-    """The baseline: mini-batches of about ``batch_size`` windows mixing users, Adam."""
-
-    def __init__(self, model, cfg: Config) -> None:
-        self.model, self.cfg = model, cfg
-        self.opt = torch.optim.Adam(
-            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
-        self.gen = torch.Generator().manual_seed(cfg.train.seed)  # negative sampling
-        self.stream = UserStream(
-            cfg.data.path,
-            roles=["existing"],
-            seed=cfg.train.seed,
-            batch_rows=POOL_USERS,
-            columns=["user", "role", "is_head", "items"],
-        )
-
-    def modules(self) -> dict:
-        return {"model": self.model}
-
-    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
-        """One epoch; checkpoints are taken at epoch ends only (``start_step`` must be 0)."""
-        if start_step != 0:
-            raise ValueError("joint training resumes at epoch boundaries only")
-        cfg, model = self.cfg, self.model
-        model.train()
-        self.stream.set_epoch(epoch)
-        total, count, started = 0.0, 0, time.perf_counter()
-        bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not cfg.train.progress, leave=False)
-        for pool_index, batch in enumerate(self.stream):
-            rows = training_rows(
-                to_sequences(batch),
-                max_len=cfg.model.max_len,
-                all_positions=model.supports_all_positions,
-            )
-            rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
-            for mb in batches(rows, cfg.train.batch_size, rng):
-                loss = batch_loss(model, mb, cfg, self.gen)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                self.opt.step()
-                n = int(mb.windows.sum())
-                total, count = total + loss.item() * n, count + n
-                bar.update(n)
-                rate = count / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
-        bar.close()
-        seconds = time.perf_counter() - started
-        return {
-            "loss": total / max(count, 1),
-            "windows": count,
-            "windows_per_s": count / seconds,
-            "seconds": seconds,
-        }
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])
 
 
 def _eval_kwargs(cfg: Config) -> dict:
@@ -181,12 +85,7 @@ def make_stepper(model, cfg: Config, comm):
         from dist_tp.tp.trainer import TPStepper
 
         return TPStepper(model, cfg, comm=comm)
-    if comm.world_size > 1:
-        raise ConfigError(
-            "train.method=joint runs in a single process for now; under torchrun use "
-            "train.method=tp (distributed joint training with DDP is not implemented yet)"
-        )
-    return JointStepper(model, cfg)
+    return JointStepper(model, cfg, comm)
 
 
 def run_training(

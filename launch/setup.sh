@@ -2,6 +2,8 @@
 # Set up (or refresh) the project's virtual environment in .venv: idempotent and quiet.
 # Without a GPU, torch's CPU build (torch==2.13.0) is installed first so that the package's
 # `torch>=2.4` requirement is already met and no multi-GB CUDA build is downloaded.
+# DeepSpeed (the `deepspeed` extra) comes after torch; on CPU its shared-memory communication
+# op is compiled here once (about a minute on 2 cores) into .venv/torch_extensions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,5 +24,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.13.0
   fi
 fi
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,deepspeed]"
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+echo "setup: building DeepSpeed's ops (cached in $TORCH_EXTENSIONS_DIR)" >&2
+if ! log=$(.venv/bin/python -c "from dist_tp.deepspeed_engine import build_ops; build_ops()" 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"

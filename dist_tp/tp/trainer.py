@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dist_tp.comm import LocalComm, broadcast_module, check_replicas
-from dist_tp.config import Config
+from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import load_sequences
 from dist_tp.tp.discriminator import Discriminator, auc
 from dist_tp.tp.lanes import InnerLoop
@@ -77,13 +77,24 @@ class TPStepper:
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
         )
-        self.outer = OuterUpdate(
-            self.params,
-            optimizer=tp.outer_optimizer,
-            lr=tp.outer_lr,
-            comm=self.comm,
-            compress=tp.compress,
-        )
+        if cfg.train.engine == "deepspeed":
+            from dist_tp.deepspeed_engine import EngineOuter
+
+            if tp.outer_optimizer != "adam" or tp.compress != "none":
+                raise ConfigError(
+                    "train.engine=deepspeed hosts an Adam outer step with DeepSpeed's own "
+                    "reduction: it needs tp.outer_optimizer=adam and tp.compress=none "
+                    "(DeepSpeed's communication_data_type sets the wire dtype)"
+                )
+            self.outer = EngineOuter(self.modules(), path=cfg.train.deepspeed, lr=tp.outer_lr)
+        else:
+            self.outer = OuterUpdate(
+                self.params,
+                optimizer=tp.outer_optimizer,
+                lr=tp.outer_lr,
+                comm=self.comm,
+                compress=tp.compress,
+            )
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
         total = self.comm.all_reduce_sum(torch.tensor(float(sampler.total_windows)))

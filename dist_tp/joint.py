@@ -1,0 +1,225 @@
+"""Joint training (the paper's backbones without TP): one epoch streams the existing users'
+tasks from the prepared folder in pools of users; each pool's rows are shuffled and packed
+into mini-batches of about ``batch_size`` windows, so a mini-batch mixes users; Adam.
+
+Under torchrun the same epoch runs data-parallel: DDP (through the communicator) or a
+DeepSpeed engine (``train.engine: deepspeed``), on each rank's share of the users.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dist_tp.comm import LocalComm
+from dist_tp.config import Config, ConfigError
+from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.examples import Rows, training_rows
+
+POOL_USERS = 512  # users whose rows are shuffled together before batching
+
+
+def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[Rows]:
+    """Shuffle rows and pack them into mini-batches of about ``batch_size`` windows."""
+    order = rng.permutation(len(rows))
+    windows = rows.windows[order]
+    batch_id = (np.cumsum(windows) - 1) // batch_size
+    bounds = np.flatnonzero(np.diff(batch_id)) + 1
+    for chunk in np.split(order, bounds):
+        yield Rows(rows.inputs[chunk], rows.targets[chunk])
+
+
+def rows_loss(
+    model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    kind: str,
+    num_negatives: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Mean next-item loss over the windows of rows ``inputs``/``targets`` [R, L]."""
+    if model.supports_all_positions:
+        mask = targets > 0  # [R, L]
+        emb = model.encode_all(inputs)[mask]  # [M, D]
+        pos = targets[mask]  # [M]
+    else:
+        emb = model.encode(inputs)  # [R, D]
+        pos = targets[:, -1]  # [R]
+    return model.loss(emb, pos, kind=kind, num_negatives=num_negatives, generator=generator)
+
+
+def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    return rows_loss(
+        model,
+        torch.from_numpy(rows.inputs),
+        torch.from_numpy(rows.targets),
+        kind=cfg.train.loss,
+        num_negatives=cfg.train.num_negatives,
+        generator=generator,
+    )
+
+
+class JointLoss(torch.nn.Module):
+    """The joint loss as a module's ``forward``: what DDP and DeepSpeed wrap (both hook
+    ``forward``). The model is its only submodule, so parameters are shared, not copied."""
+
+    def __init__(self, model, cfg: Config) -> None:
+        super().__init__()
+        self.model = model
+        self.kind, self.num_negatives = cfg.train.loss, cfg.train.num_negatives
+
+    def forward(self, inputs, targets, generator=None) -> torch.Tensor:
+        return rows_loss(
+            self.model,
+            inputs,
+            targets,
+            kind=self.kind,
+            num_negatives=self.num_negatives,
+            generator=generator,
+        )
+
+
+def _idle_rows(max_len: int) -> Rows:
+    """One valid row for a rank that has run out of mini-batches (its loss weight is 0)."""
+    inputs = np.zeros((1, max_len), dtype=np.int64)
+    inputs[0, -1] = 1
+    return Rows(inputs, inputs.copy())
+
+
+class JointStepper:
+    """The baseline: mini-batches of about ``batch_size`` windows mixing users, Adam.
+
+    Under torchrun each rank streams its own row groups of the existing users
+    (``UserStream`` deals them out per epoch), and the model is wrapped in DDP (or a
+    DeepSpeed engine), which starts every rank from rank 0's parameters and averages
+    gradients. Each step all-reduces the ranks' window counts n_r and weights rank r's mean
+    loss by W·n_r / Σn, so one step equals one single-process step on the union of the
+    ranks' mini-batches. A rank that has run out of mini-batches steps on with weight 0
+    until every rank is done: all ranks take the same number of steps (DDP needs that) and
+    no window is dropped.
+    """
+
+    def __init__(self, model, cfg: Config, comm=None) -> None:
+        self.model, self.cfg = model, cfg
+        self.comm = comm or LocalComm()
+        loss_module = JointLoss(model, cfg)
+        if cfg.train.engine == "deepspeed":
+            from dist_tp.deepspeed_engine import Engine
+
+            self.engine = Engine(
+                loss_module,
+                path=cfg.train.deepspeed,
+                lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay,
+                grad_clip=cfg.train.grad_clip,
+            )
+            self.net, self.opt = self.engine, None
+        else:
+            self.engine = None
+            self.net = self.comm.data_parallel(loss_module)
+            self.opt = torch.optim.Adam(
+                model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            )
+        self.gen = torch.Generator()  # negative sampling, seeded per (epoch, rank)
+        self.stream = UserStream(
+            cfg.data.path,
+            rank=self.comm.rank,
+            world_size=self.comm.world_size,
+            seed=cfg.train.seed,
+            batch_rows=POOL_USERS,
+            columns=["user", "role", "is_head", "items"],
+            roles=["existing"],
+        )
+
+    def modules(self) -> dict:
+        return {"model": self.model}
+
+    def epoch_batches(self, epoch: int) -> Iterator[Rows]:
+        """This rank's mini-batches of epoch ``epoch``, in order."""
+        cfg = self.cfg
+        self.stream.set_epoch(epoch)
+        for pool_index, batch in enumerate(self.stream):
+            rows = training_rows(
+                to_sequences(batch),
+                max_len=cfg.model.max_len,
+                all_positions=self.model.supports_all_positions,
+            )
+            rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
+            yield from batches(rows, cfg.train.batch_size, rng)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.update(loss)  # DeepSpeed: reduce, clip, step, zero the grads
+            return
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP: gradients averaged over ranks
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+
+    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
+        """One epoch; checkpoints are taken at epoch ends only (``start_step`` must be 0)."""
+        if start_step != 0:
+            raise ValueError("joint training resumes at epoch boundaries only")
+        cfg, comm = self.cfg, self.comm
+        world = comm.world_size
+        self.model.train()
+        seed = np.random.SeedSequence([cfg.train.seed, epoch, comm.rank]).generate_state(1)[0]
+        self.gen.manual_seed(int(seed))
+        total, count, steps, started = 0.0, 0, 0, time.perf_counter()
+        show = cfg.train.progress and comm.is_main
+        bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not show, leave=False)
+        mbs = self.epoch_batches(epoch)
+        while True:
+            mb = next(mbs, None)
+            n = 0 if mb is None else int(mb.windows.sum())
+            weight = 1.0
+            if world > 1:
+                n_all = int(comm.all_reduce_sum(torch.tensor([n], dtype=torch.int64)))
+                if n_all == 0:
+                    break
+                weight = world * n / n_all  # the gradient average becomes window-weighted
+                mb = mb if mb is not None else _idle_rows(cfg.model.max_len)
+            elif mb is None:
+                break
+            inputs, targets = torch.from_numpy(mb.inputs), torch.from_numpy(mb.targets)
+            loss = self.net(inputs, targets, generator=self.gen)
+            self._update(loss * weight)
+            steps += 1
+            if n:
+                total, count = total + loss.item() * n, count + n
+                bar.update(n)
+                rate = count / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - started
+        if world > 1:  # the epoch's figures over all ranks
+            total, count = comm.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+            total, count = float(total), int(count)
+        return {
+            "loss": total / max(count, 1),
+            "windows": count,
+            "windows_per_s": count / seconds,
+            "seconds": seconds,
+            "steps": steps,
+        }
+
+    def state_dict(self) -> dict:
+        if self.engine is not None:
+            return {"engine": self.engine.state_dict()}
+        return {"optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.engine is not None:
+            if "engine" not in state:
+                raise ConfigError("cannot resume: last.pt was written without DeepSpeed")
+            self.engine.load_state_dict(state["engine"])
+        elif "optimizer" not in state:
+            raise ConfigError("cannot resume: last.pt was written by a DeepSpeed engine")
+        else:
+            self.opt.load_state_dict(state["optimizer"])
