@@ -7,7 +7,7 @@
 #   MLFLOW_TRACKING_URI=URI   track somewhere else (a server, another store)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh core
 if [ -z "${DIST_TP_DATA:-}" ] && [ -f ../shared/data/ml-100k/u.data.gz ]; then
   DIST_TP_DATA="$(cd ../shared/data && pwd)"
   export DIST_TP_DATA

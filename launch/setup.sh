@@ -4,7 +4,10 @@
 # `torch>=2.4` requirement is already met and no multi-GB CUDA build is downloaded.
 # DeepSpeed (the `deepspeed` extra) comes after torch; on CPU its shared-memory communication
 # op is compiled here once (about a minute on 2 cores) into .venv/torch_extensions.
+#   bash launch/setup.sh          everything (what the tests need)
+#   bash launch/setup.sh core     without DeepSpeed (the quick start; a later full set-up adds it)
 set -euo pipefail
+MODE=${1:-full}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -12,7 +15,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.dist_tp-installed
 want=$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$have" = "$want full" ] || [ "$have" = "$want $MODE" ]; then
   exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -24,6 +28,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.13.0
   fi
 fi
+if [ "$MODE" = core ]; then
+  .venv/bin/pip install -q -e ".[dev]"
+  echo "$want core" > "$stamp"
+  exit 0
+fi
 .venv/bin/pip install -q -e ".[dev,deepspeed]"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 echo "setup: building DeepSpeed's ops (cached in $TORCH_EXTENSIONS_DIR)" >&2
@@ -31,4 +40,4 @@ if ! log=$(.venv/bin/python -c "from dist_tp.deepspeed_engine import build_ops; 
   echo "$log" >&2
   exit 1
 fi
-echo "$want" > "$stamp"
+echo "$want full" > "$stamp"
