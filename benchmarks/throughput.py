@@ -4,6 +4,8 @@
 
 Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
 an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
+``--padded`` also times TP with every lane padded to the step's largest shape in one vmapped
+call (no lane buckets, the earlier inner loop), in the same run.
 
 Uses the real training step (rows → mini-batches of 256 windows → forward, loss, backward,
 Adam) on Amazon Music and the ML-1M part, prepared from ../shared/data into a temp folder.
@@ -75,13 +77,14 @@ def train_rate(cfg, seconds: float) -> float:
         stream.set_epoch(stream.epoch + 1)
 
 
-def tp_rate(cfg, seconds: float) -> float:
+def tp_rate(cfg, seconds: float, bucketing: bool = True) -> float:
     """Windows/s of TP outer steps (lanes × k × users × K windows each), after one warm-up."""
     from dist_tp.tp.trainer import TPStepper
 
     torch.manual_seed(0)
     model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
     stepper = TPStepper(model, cfg)
+    stepper.inner.bucketing = bucketing and stepper.inner.bucketing
     stepper.outer_step(0, 0)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -96,22 +99,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbones", default="sasrec,gru4rec,caser")
     parser.add_argument("--no-tp", dest="tp", action="store_false", help="skip the TP figures")
+    parser.add_argument(
+        "--padded", action="store_true", help="also time TP without lane buckets (same run)"
+    )
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--losses", default="ce,bce")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for name, (rel, fmt) in DATASETS.items():
+        datasets = args.datasets.split(",")
+        for name in sorted(set(datasets) | {"ml-1m"}):
+            rel, fmt = DATASETS[name]
             paths[name] = f"{tmp}/{name}"
             prepare(input_path=str(SHARED / rel), fmt=fmt, output=paths[name])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        padded = " | TP padded windows/s | TP padded epoch / joint epoch" if args.padded else ""
         print(
             "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
-            "| TP windows/s | TP epoch / joint epoch |"
+            f"| TP windows/s | TP epoch / joint epoch{padded} |"
         )
-        print("| --- " * 8 + "|")
+        print("| --- " * (10 if args.padded else 8) + "|")
         for backbone in args.backbones.split(","):
-            for data in DATASETS:
-                for loss in ("ce", "bce"):
+            for data in datasets:
+                for loss in args.losses.split(","):
                     cfg = load_config(
                         REPO / "configs" / data / f"{backbone}.yaml",
                         [f"data.path={paths[data]}", f"train.loss={loss}", "train.progress=false"],
@@ -120,9 +131,13 @@ def main() -> None:
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
                     tp = tp_rate(cfg, args.seconds) if args.tp else float("nan")
+                    extra = ""
+                    if args.tp and args.padded:
+                        slow = tp_rate(cfg, args.seconds, bucketing=False)
+                        extra = f" | {slow:,.0f} | {rate / slow:.2f}"
                     print(
                         f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} "
-                        f"| {tp:,.0f} | {rate / tp:.2f} |",
+                        f"| {tp:,.0f} | {rate / tp:.2f}{extra} |",
                         flush=True,
                     )
         cfg = load_config(
