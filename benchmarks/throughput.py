@@ -4,6 +4,9 @@
 
 Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
 an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
+Joint and TP steps are timed in alternating turns of 0.5 s, so both see the same load.
+``--padded`` also times TP with every lane padded to the step's largest shape in one vmapped
+call (no lane buckets, the earlier inner loop), in the same run.
 
 Uses the real training step (rows → mini-batches of 256 windows → forward, loss, backward,
 Adam) on Amazon Music and the ML-1M part, prepared from ../shared/data into a temp folder.
@@ -44,8 +47,8 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 }
 
 
-def train_rate(cfg, seconds: float) -> float:
-    """Windows/s of the training step over the first ``seconds`` of an epoch (after warm-up)."""
+def joint_steps(cfg):
+    """The joint training step, endlessly: yields the windows of each mini-batch it trained."""
     torch.manual_seed(0)
     model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
     model.train()
@@ -53,7 +56,6 @@ def train_rate(cfg, seconds: float) -> float:
     gen = torch.Generator().manual_seed(0)
     stream = UserStream(cfg.data.path, roles=["existing"], seed=0, batch_rows=512)
     rng = np.random.default_rng(0)
-    windows, started, steps = 0, None, 0
     while True:
         for batch in stream:
             rows = training_rows(
@@ -66,29 +68,40 @@ def train_rate(cfg, seconds: float) -> float:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                steps += 1
-                if steps == 3:  # warm-up steps are not timed
-                    started = time.perf_counter()
-                elif started is not None:
-                    windows += int(mb.windows.sum())
-                    if time.perf_counter() - started > seconds:
-                        return windows / (time.perf_counter() - started)
+                yield int(mb.windows.sum())
         stream.set_epoch(stream.epoch + 1)
 
 
-def tp_rate(cfg, seconds: float) -> float:
-    """Windows/s of TP outer steps (lanes × k × users × K windows each), after one warm-up."""
+def tp_steps(cfg, bucketing: bool = True):
+    """TP outer steps (lanes × k × users × K windows each), endlessly: yields their windows."""
     from dist_tp.tp.trainer import TPStepper
 
     torch.manual_seed(0)
     model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
     stepper = TPStepper(model, cfg)
-    stepper.outer_step(0, 0)
-    steps, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        steps += 1
-        stepper.outer_step(0, steps)
-    return steps * stepper.windows_per_step / (time.perf_counter() - started)
+    stepper.inner.bucketing = bucketing and stepper.inner.bucketing
+    step = 0
+    while True:
+        stepper.outer_step(0, step)
+        step += 1
+        yield stepper.windows_per_step
+
+
+def rates(runs: list, seconds: float, turn: float = 0.5) -> list[float]:
+    """Windows/s of each run of steps, timed in turns of about ``turn`` seconds taken in
+    rotation until each has run ``seconds``, after 3 untimed warm-up steps each: on a busy
+    machine every run sees about the same load, so their ratios hold."""
+    for run in runs:
+        for _ in range(3):
+            next(run)
+    windows, spent = [0] * len(runs), [0.0] * len(runs)
+    while min(spent) < seconds:
+        for i, run in enumerate(runs):
+            started = time.perf_counter()
+            while time.perf_counter() - started < turn:
+                windows[i] += next(run)
+            spent[i] += time.perf_counter() - started
+    return [w / t for w, t in zip(windows, spent)]
 
 
 def main() -> None:
@@ -97,33 +110,46 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbones", default="sasrec,gru4rec,caser")
     parser.add_argument("--no-tp", dest="tp", action="store_false", help="skip the TP figures")
+    parser.add_argument(
+        "--padded", action="store_true", help="also time TP without lane buckets (same run)"
+    )
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--losses", default="ce,bce")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for name, (rel, fmt) in DATASETS.items():
+        datasets = args.datasets.split(",")
+        for name in sorted(set(datasets) | {"ml-1m"}):
+            rel, fmt = DATASETS[name]
             paths[name] = f"{tmp}/{name}"
             prepare(input_path=str(SHARED / rel), fmt=fmt, output=paths[name])
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        padded = " | TP padded windows/s | TP padded epoch / joint epoch" if args.padded else ""
         print(
             "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
-            "| TP windows/s | TP epoch / joint epoch |"
+            f"| TP windows/s | TP epoch / joint epoch{padded} |"
         )
-        print("| --- " * 8 + "|")
+        print("| --- " * (10 if args.padded else 8) + "|")
         for backbone in args.backbones.split(","):
-            for data in DATASETS:
-                for loss in ("ce", "bce"):
+            for data in datasets:
+                for loss in args.losses.split(","):
                     cfg = load_config(
                         REPO / "configs" / data / f"{backbone}.yaml",
                         [f"data.path={paths[data]}", f"train.loss={loss}", "train.progress=false"],
                     )
-                    rate = train_rate(cfg, args.seconds)
+                    runs = [joint_steps(cfg)]
+                    if args.tp:
+                        runs.append(tp_steps(cfg))
+                    if args.tp and args.padded:
+                        runs.append(tp_steps(cfg, bucketing=False))
+                    rate, tp, slow = [*rates(runs, args.seconds), float("nan"), float("nan")][:3]
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
-                    tp = tp_rate(cfg, args.seconds) if args.tp else float("nan")
+                    extra = f" | {slow:,.0f} | {rate / slow:.2f}" if args.padded else ""
                     print(
                         f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} "
-                        f"| {tp:,.0f} | {rate / tp:.2f} |",
+                        f"| {tp:,.0f} | {rate / tp:.2f}{extra} |",
                         flush=True,
                     )
         cfg = load_config(

@@ -13,7 +13,7 @@ from dist_tp.config import load_config
 from dist_tp.data.stream import UserSequences
 from dist_tp.models import build_model
 from dist_tp.tp.discriminator import Discriminator, auc, grad_reverse
-from dist_tp.tp.lanes import InnerLoop
+from dist_tp.tp.lanes import BucketCost, InnerLoop, plan_buckets
 from dist_tp.tp.sampler import TaskSampler
 from dist_tp.tp.trainer import TPStepper
 from dist_tp.train import run_training
@@ -154,6 +154,85 @@ def test_lanes_equal_the_average_of_sequential_single_lane_runs(backbone, loss):
     for name, g in dgrads.items():
         mean = torch.stack([s[1][name] for s in singles]).mean(0)
         torch.testing.assert_close(g, mean, atol=1e-5, rtol=1e-5)
+
+
+def _uneven_batch(cfg, seed: int = 3):
+    """Lanes pinned to the shortest and the longest users: 1 row of few columns beside
+    several rows of L columns in the same inner step."""
+    sampler = _sampler()
+    order = np.argsort(sampler.n_windows, kind="stable")
+    pools = [order[:1], order[-1:], order[:2], order[-2:], order[3:8], order[:1]]
+    return sampler.sample(
+        [np.random.default_rng([seed, m]) for m in range(len(pools))],
+        k=cfg.tp.k,
+        users_per_step=cfg.tp.users_per_step,
+        inner_batch=cfg.tp.inner_batch,
+        num_negatives=cfg.train.num_negatives if cfg.train.loss == "bce" else 0,
+        num_items=NUM_ITEMS,
+        all_positions=True,
+        lane_users=pools,
+    )
+
+
+@pytest.mark.parametrize(
+    "backbone,loss", [("sasrec", "bce"), ("gru4rec", "bce"), ("sasrec", "ce"), ("gru4rec", "ce")]
+)
+def test_bucketed_inner_loop_equals_one_padded_call(backbone, loss):
+    cfg = _config(backbone, loss)
+    model, disc = _setup(cfg)
+    batch = _uneven_batch(cfg)
+    real = batch.rows != 0
+    rows, cols = real.any(-1).sum(-1), real.sum(-1).max(-1)  # [M, k]
+    assert rows.min() == 1 and rows.max() >= 4 and cols.min() < cfg.model.max_len
+    kw = dict(loss=loss, inner_lr=cfg.tp.inner_lr, lambda_adv=cfg.tp.lambda_adv)
+    padded = InnerLoop(model, disc, bucketing=False, **kw).pseudo_gradients(batch)
+    # no call cost: a bucket per shape; the default cost: these small lanes in one trimmed call
+    for cost, many in ((BucketCost(call=0.0), True), (None, False)):
+        inner = InnerLoop(model, disc, **kw)
+        inner.bucket_cost = cost or inner.bucket_cost
+        plans = inner._plans(batch)
+        assert all(
+            sorted(np.concatenate([m for m, _, _ in p]).tolist()) == list(range(6)) for p in plans
+        )
+        assert max(len(p) for p in plans) > 1 if many else all(len(p) == 1 for p in plans)
+        grads, dgrads, stats = inner.pseudo_gradients(batch)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, padded[0][name], atol=1e-5, rtol=1e-5)
+        for name, g in dgrads.items():
+            torch.testing.assert_close(g, padded[1][name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.disc_logits, padded[2].disc_logits, atol=1e-5, rtol=1e-5)
+        assert stats.pred_loss == pytest.approx(padded[2].pred_loss, rel=1e-5)
+        assert stats.disc_loss == pytest.approx(padded[2].disc_loss, rel=1e-5)
+
+
+def test_bucketed_inner_loop_with_dropout_is_reproducible_for_a_seed():
+    cfg = _config("sasrec", "bce")
+    cfg.model.dropout = 0.3
+    model, disc = _setup(cfg)
+    batch = _uneven_batch(cfg)
+    inner = InnerLoop(model, disc, loss="bce", inner_lr=0.5, lambda_adv=0.7)
+    inner.bucket_cost = BucketCost(call=0.0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append(inner.pseudo_gradients(batch)[0])
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_plan_buckets_covers_every_lane_once_and_splits_off_a_long_lane():
+    cost = BucketCost(call=800.0)
+    rows = np.array([1] * 15 + [33])
+    cols = np.array([10] * 15 + [50])
+    plan = plan_buckets(rows, cols, cost)
+    assert [(m.tolist(), r, c) for m, r, c in plan] == [(list(range(15)), 1, 10), ([15], 33, 50)]
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(1, 34, 16), rng.integers(1, 51, 16)
+    plan = plan_buckets(rows, cols, cost)
+    assert sorted(np.concatenate([m for m, _, _ in plan]).tolist()) == list(range(16))
+    for members, r, c in plan:
+        assert r == rows[members].max() and c == cols[members].max()
+    assert sum(cost(len(m), r, c) for m, r, c in plan) <= cost(16, rows.max(), cols.max())
 
 
 def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
