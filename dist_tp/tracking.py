@@ -262,6 +262,7 @@ class Tracker:
         self.online = True
         self._pending: list[dict] = []
         self._delivery: Delivery | None = None
+        self.started = False  # no run to end before start(): a config error, say
         if self.spool.exists():  # earlier events of this run folder not yet delivered
             self._pending = self.spool.events()[self.state.get("delivered", 0) :]
 
@@ -297,6 +298,7 @@ class Tracker:
             )
 
     def start(self, *, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        self.started = True
         event = {
             "op": "start",
             "experiment": self.experiment,
@@ -316,6 +318,8 @@ class Tracker:
         self._emit({"op": "artifact", "path": rel, "dir": directory})
 
     def finish(self, status: str = "FINISHED") -> None:
+        if not self.started:
+            return
         self._emit({"op": "end", "status": status})
         if self._pending:
             self.online = True  # one more try: the server may be back

@@ -129,6 +129,16 @@ def test_unreachable_server_spools_and_sync_replays(prepared, tmp_path, caplog):
     assert len(c.get_metric_history(run.info.run_id, "train/loss")) == 1
 
 
+def test_a_run_that_fails_before_it_starts_leaves_no_mlflow_run(tmp_path, capsys, caplog):
+    uri = f"sqlite:///{tmp_path}/store.db"
+    out = tmp_path / "run"
+    args = [f"data.path={tmp_path}/missing", f"track.uri={uri}", "--output", str(out)]
+    assert main(["train", str(TINY), *args]) == 2
+    assert "no meta.json" in capsys.readouterr().err
+    assert "not answering" not in caplog.text
+    assert not Spool(out).exists()
+
+
 def test_spool_ignores_a_torn_last_line(tmp_path):
     spool = Spool(tmp_path)
     spool.append({"op": "metrics", "step": 0, "ts": 1, "values": {"a": 1.0}})
