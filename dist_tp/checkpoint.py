@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -31,15 +32,15 @@ def _atomic(path: Path, write) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    _atomic(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def write_text(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    _atomic(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:

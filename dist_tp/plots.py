@@ -28,9 +28,9 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     """Atomic: draw to a temp file beside ``path``, then rename."""
-    from dist_tp.checkpoint import _atomic
+    from dist_tp.checkpoint import atomic_write
 
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     _plt().close(fig)
     return path
 

@@ -154,8 +154,8 @@ def baseline_of(row: Row, rows: list[Row]) -> Row | None:
     """The joint backbone a TP row is compared with (same dataset and backbone)."""
     if row.method != "tp":
         return None
-    joint = [r for r in rows if (r.dataset, r.backbone, r.method) == (row.dataset, row.backbone,
-                                                                        "joint")]  # fmt: skip
+    key = (row.dataset, row.backbone, "joint")
+    joint = [r for r in rows if (r.dataset, r.backbone, r.method) == key]
     if not joint:
         return None
     return next((r for r in joint if not r.variant), joint[0])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_tp.checkpoint import write_json
-from dist_tp.config import ConfigError, flatten
+from dist_tp.config import ConfigError, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def git_commit(path: Path | None = None) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def _quiet_http() -> None:
@@ -310,8 +312,8 @@ class Tracker:
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         if values:
-            self._emit({"op": "metrics", "step": step, "ts": int(time.time() * 1000),
-                        "values": values})  # fmt: skip
+            ts = int(time.time() * 1000)
+            self._emit({"op": "metrics", "step": step, "ts": ts, "values": values})
 
     def log_artifact(self, path: str | Path, directory: str = "") -> None:
         rel = os.path.relpath(Path(path), self.out)
@@ -371,8 +373,6 @@ def log_figures(experiment: str, paths: list[Path], uri: str = "") -> str:
 
 
 def run_params(cfg) -> dict[str, Any]:
-    from dist_tp.config import to_dict
-
     return flatten(to_dict(cfg))
 
 

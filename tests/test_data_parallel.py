@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_distributed import ENV, REPO, torchrun, torchrun_cmd
+from test_distributed import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.comm import LocalComm
 from dist_tp.config import ConfigError, load_config
@@ -198,17 +198,7 @@ def test_deepspeed_tp_outer_step_equals_the_plain_outer_update(prepared, tmp_pat
 
 def test_cli_deepspeed_tp_run_and_its_resume_rules(prepared, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "-m",
-        "dist_tp",
-        "train",
-        "configs/tiny.yaml",
-        f"data.path={prepared('ml-100k')}",
-        "train.method=tp",
-        "tp.lanes=2",
-        "train.engine=deepspeed",
-        f"train.deepspeed={ZERO[1]}",
-    ]
+    args = tiny_tp_args(prepared("ml-100k"), "train.engine=deepspeed", f"train.deepspeed={ZERO[1]}")
     cmd = torchrun_cmd(*args, "train.epochs=1", "--output", str(out))
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

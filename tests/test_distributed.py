@@ -45,6 +45,20 @@ def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+def tiny_tp_args(data: str, *extra: str) -> list[str]:
+    """``-m dist_tp train`` on configs/tiny.yaml with TP and 2 lanes, plus ``extra``."""
+    return [
+        "-m",
+        "dist_tp",
+        "train",
+        "configs/tiny.yaml",
+        f"data.path={data}",
+        "train.method=tp",
+        "tp.lanes=2",
+        *extra,
+    ]
+
+
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = torchrun_cmd(*args, nproc=nproc)
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
@@ -103,15 +117,7 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
     out = tmp_path / "run"
     torchrun(
         2,
-        "-m",
-        "dist_tp",
-        "train",
-        "configs/tiny.yaml",
-        f"data.path={path}",
-        "train.method=tp",
-        "train.epochs=1",
-        "tp.lanes=2",
-        f"track.uri=sqlite:///{tmp_path}/mlflow.db",
+        *tiny_tp_args(path, "train.epochs=1", f"track.uri=sqlite:///{tmp_path}/mlflow.db"),
         "--output",
         str(out),
     )
@@ -198,14 +204,7 @@ def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
     out = tmp_path / "run"
     launcher = ("--nnodes=2", "--rdzv-id=loopback")
     cmd = torchrun_cmd(
-        "-m",
-        "dist_tp",
-        "train",
-        "configs/tiny.yaml",
-        f"data.path={prepared('ml-100k')}",
-        "train.method=tp",
-        "train.epochs=1",
-        "tp.lanes=2",
+        *tiny_tp_args(prepared("ml-100k"), "train.epochs=1"),
         "--output",
         str(out),
         nproc=1,
