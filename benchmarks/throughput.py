@@ -1,6 +1,6 @@
 """Training throughput (windows/s) per backbone and loss, and full-ranking evaluation time.
 
-    .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2]
+    .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2] [--device cuda]
 
 Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
 an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
@@ -17,6 +17,7 @@ L = 50, batch 256); it is not installed here, so the ratio uses those figures.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from dist_tp.joint import batch_loss, batches
 from dist_tp.train import build
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("DIST_TP_SHARED_DATA", REPO.parent / "shared" / "data"))
 DATASETS = {
     "amazon-music": ("amazon-music/Music.txt.gz", "seq-txt"),
     "ml-1m": ("ml-1m/partial/ratings.dat.gz", "ml-1m"),
@@ -47,13 +48,13 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 }
 
 
-def joint_steps(cfg):
+def joint_steps(cfg, device: torch.device):
     """The joint training step, endlessly: yields the windows of each mini-batch it trained."""
     torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
+    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path).to(device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     stream = UserStream(cfg.data.path, roles=["existing"], seed=0, batch_rows=512)
     rng = np.random.default_rng(0)
     while True:
@@ -72,12 +73,12 @@ def joint_steps(cfg):
         stream.set_epoch(stream.epoch + 1)
 
 
-def tp_steps(cfg, bucketing: bool = True):
+def tp_steps(cfg, device: torch.device, bucketing: bool = True):
     """TP outer steps (lanes × k × users × K windows each), endlessly: yields their windows."""
     from dist_tp.tp.trainer import TPStepper
 
     torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path)
+    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path).to(device)
     stepper = TPStepper(model, cfg)
     stepper.inner.bucketing = bucketing and stepper.inner.bucketing
     step = 0
@@ -87,19 +88,28 @@ def tp_steps(cfg, bucketing: bool = True):
         yield stepper.windows_per_step
 
 
-def rates(runs: list, seconds: float, turn: float = 0.5) -> list[float]:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs behind the Python that feeds it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rates(runs: list, seconds: float, turn: float = 0.5, device=None) -> list[float]:
     """Windows/s of each run of steps, timed in turns of about ``turn`` seconds taken in
     rotation until each has run ``seconds``, after 3 untimed warm-up steps each: on a busy
     machine every run sees about the same load, so their ratios hold."""
+    device = device or torch.device("cpu")
     for run in runs:
         for _ in range(3):
             next(run)
     windows, spent = [0] * len(runs), [0.0] * len(runs)
     while min(spent) < seconds:
         for i, run in enumerate(runs):
+            sync(device)
             started = time.perf_counter()
             while time.perf_counter() - started < turn:
                 windows[i] += next(run)
+            sync(device)
             spent[i] += time.perf_counter() - started
     return [w / t for w, t in zip(windows, spent)]
 
@@ -115,7 +125,9 @@ def main() -> None:
     )
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--losses", default="ce,bce")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
@@ -124,7 +136,8 @@ def main() -> None:
             rel, fmt = DATASETS[name]
             paths[name] = f"{tmp}/{name}"
             prepare(input_path=str(SHARED / rel), fmt=fmt, output=paths[name])
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
         padded = " | TP padded windows/s | TP padded epoch / joint epoch" if args.padded else ""
         print(
             "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
@@ -138,12 +151,13 @@ def main() -> None:
                         REPO / "configs" / data / f"{backbone}.yaml",
                         [f"data.path={paths[data]}", f"train.loss={loss}", "train.progress=false"],
                     )
-                    runs = [joint_steps(cfg)]
+                    runs = [joint_steps(cfg, device)]
                     if args.tp:
-                        runs.append(tp_steps(cfg))
+                        runs.append(tp_steps(cfg, device))
                     if args.tp and args.padded:
-                        runs.append(tp_steps(cfg, bucketing=False))
-                    rate, tp, slow = [*rates(runs, args.seconds), float("nan"), float("nan")][:3]
+                        runs.append(tp_steps(cfg, device, bucketing=False))
+                    timed = rates(runs, args.seconds, device=device)
+                    rate, tp, slow = [*timed, float("nan"), float("nan")][:3]
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
                     extra = f" | {slow:,.0f} | {rate / slow:.2f}" if args.padded else ""
@@ -155,11 +169,11 @@ def main() -> None:
         cfg = load_config(
             REPO / "configs" / "ml-1m" / "sasrec.yaml", [f"data.path={paths['ml-1m']}"]
         )
-        model = build(cfg, 3266, cfg.data.path)
+        model = build(cfg, 3266, cfg.data.path).to(device)
         evaluate(model, cfg.data.path, max_len=50, ks=[10], splits=("test",))  # warm-up
         t0 = time.perf_counter()
         res = evaluate(model, cfg.data.path, max_len=50, ks=[1, 5, 10, 20, 50], splits=("test",))
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # evaluate() returns figures read back from the device
         users = res["test"]["existing"]["all"]["users"] + res["test"]["new"]["all"]["users"]
         print(
             f"\nfull-ranking evaluation (test split), SASRec, ML-1M part: {users:,} users "

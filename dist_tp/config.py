@@ -7,6 +7,7 @@ Unknown keys and values of the wrong type are errors that name the key; YAML is 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """TP: also write ``last.pt`` every this many outer steps (0: at epoch ends only)."""
     progress: bool = True
+    device: str = "auto"
+    """``auto`` (this rank's GPU when CUDA is present, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
     (the optimizer runs inside a DeepSpeed engine, ZeRO 0-2; needs torchrun)."""
@@ -93,6 +97,10 @@ class TrainConfig:
             raise ConfigError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
         if self.method not in ("joint", "tp"):
             raise ConfigError(f"train.method must be 'joint' or 'tp', got {self.method!r}")
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+            raise ConfigError(
+                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
         if self.engine not in ("plain", "deepspeed"):
             raise ConfigError(f"train.engine must be 'plain' or 'deepspeed', got {self.engine!r}")
         if self.engine == "deepspeed" and not self.deepspeed:

@@ -1,9 +1,10 @@
 """The only module that imports ``torch.distributed``.
 
 ``init_distributed()`` returns a communicator: ``LocalComm`` in a plain process, ``DistComm``
-under torchrun (``RANK``/``WORLD_SIZE`` in the environment; backend nccl on CUDA, gloo on
-CPU). ``DistComm.close()`` waits at a barrier before destroying the process group: without
-it, gloo ranks abort when rank 0 leaves first.
+under torchrun (``RANK``/``WORLD_SIZE`` in the environment; backend nccl when each local rank
+has a GPU of its own, gloo otherwise; ``DIST_TP_BACKEND`` overrides). ``DistComm.close()``
+waits at a barrier before destroying the process group: without it, gloo ranks abort when
+rank 0 leaves first.
 """
 
 from __future__ import annotations
@@ -22,30 +23,43 @@ log = logging.getLogger(__name__)
 
 
 class DistComm(LocalComm):
-    """Collectives over the default process group."""
+    """Collectives over the default process group.
+
+    The backend's device (this rank's GPU for nccl, the CPU for gloo) is where the reduction
+    runs; a tensor given on another device is copied there and the result comes back to the
+    caller's device, so small CPU counters work under nccl too.
+    """
 
     def __init__(self, store=None) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.store = store
+        if dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        out = tensor.to(self.device, copy=True)
+        dist.all_reduce(out, op=op)
+        return out.to(tensor.device)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world_size
+        return self._reduce(tensor, dist.ReduceOp.SUM) / self.world_size
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return out
+        return self._reduce(tensor, dist.ReduceOp.MAX)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(tensor, src=src)
+        if tensor.device == self.device:
+            dist.broadcast(tensor, src=src)
+        else:
+            staged = tensor.to(self.device)
+            dist.broadcast(staged, src=src)
+            tensor.copy_(staged)
         return tensor
 
     def barrier(self) -> None:
@@ -73,12 +87,27 @@ class DistComm(LocalComm):
         ``destroy_process_group`` waiting on peers) could block, so leave without one."""
 
 
+def choose_backend() -> str:
+    """``DIST_TP_BACKEND`` if set; else nccl when every local rank has a GPU of its own,
+    gloo otherwise (no GPU, or more ranks than GPUs on this node: NCCL refuses two ranks on
+    one GPU, while gloo lets them share it)."""
+    forced = os.environ.get("DIST_TP_BACKEND", "")
+    if forced:
+        if forced not in ("nccl", "gloo"):
+            raise ValueError(f"DIST_TP_BACKEND must be nccl or gloo, got {forced!r}")
+        return forced
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
+
+
 def init_distributed(timeout_s: int = 600) -> LocalComm:
     """A communicator for this process: distributed when launched by torchrun with W > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or "RANK" not in os.environ:
         return LocalComm()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = choose_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=timeout_s)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.device import module_device, to_device
 from dist_tp.examples import Queries, eval_queries
 from dist_tp.metrics import finalize, metric_sums, ranks_from_scores
 
@@ -27,12 +28,13 @@ SPLITS = {
 @torch.no_grad()
 def _rank(model, q: Queries, *, exclude_history: bool, chunk: int) -> torch.Tensor:
     ranks = []
+    device = module_device(model)
     for lo in range(0, len(q.targets), chunk):
-        inputs = torch.from_numpy(q.inputs[lo : lo + chunk])  # [B, L]
+        inputs = to_device(q.inputs[lo : lo + chunk], device)  # [B, L]
         scores = model.score_all(model.encode(inputs))  # [B, N+1]
-        history = torch.from_numpy(q.history[lo : lo + chunk]) if exclude_history else None
-        targets = torch.from_numpy(q.targets[lo : lo + chunk])  # [B]
-        ranks.append(ranks_from_scores(scores, targets, history=history))
+        history = to_device(q.history[lo : lo + chunk], device) if exclude_history else None
+        targets = to_device(q.targets[lo : lo + chunk], device)  # [B]
+        ranks.append(ranks_from_scores(scores, targets, history=history).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 

@@ -18,9 +18,11 @@ from tqdm import tqdm
 from dist_tp.comm import LocalComm
 from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.device import module_device, to_device
 from dist_tp.examples import Rows, training_rows
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
 
 
 def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[Rows]:
@@ -54,10 +56,11 @@ def rows_loss(
 
 
 def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    device = module_device(model)
     return rows_loss(
         model,
-        torch.from_numpy(rows.inputs),
-        torch.from_numpy(rows.targets),
+        to_device(rows.inputs, device),
+        to_device(rows.targets, device),
         kind=cfg.train.loss,
         num_negatives=cfg.train.num_negatives,
         generator=generator,
@@ -125,7 +128,9 @@ class JointStepper:
             self.opt = torch.optim.Adam(
                 model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
             )
-        self.gen = torch.Generator()  # negative sampling, seeded per (epoch, rank)
+        self.device = module_device(model)  # where DeepSpeed put it, if it did
+        # negative sampling, seeded per (epoch, rank)
+        self.gen = torch.Generator(device=self.device)
         self.stream = UserStream(
             cfg.data.path,
             rank=self.comm.rank,
@@ -171,7 +176,9 @@ class JointStepper:
         self.model.train()
         seed = np.random.SeedSequence([cfg.train.seed, epoch, comm.rank]).generate_state(1)[0]
         self.gen.manual_seed(int(seed))
-        total, count, steps, started = 0.0, 0, 0, time.perf_counter()
+        # the loss sum stays on the device: reading it each step would stall a GPU
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count, steps, started = 0, 0, time.perf_counter()
         show = cfg.train.progress and comm.is_main
         bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not show, leave=False)
         mbs = self.epoch_batches(epoch)
@@ -187,16 +194,19 @@ class JointStepper:
                 mb = mb if mb is not None else _idle_rows(cfg.model.max_len)
             elif mb is None:
                 break
-            inputs, targets = torch.from_numpy(mb.inputs), torch.from_numpy(mb.targets)
+            inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
             loss = self.net(inputs, targets, generator=self.gen)
             self._update(loss * weight)
             steps += 1
             if n:
-                total, count = total + loss.item() * n, count + n
+                total, count = total + loss.detach().double() * n, count + n
                 bar.update(n)
-                rate = count / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{total / count:.4f}", win_s=f"{rate:,.0f}", refresh=False)
+                if show and steps % PROGRESS_EVERY == 1:
+                    rate = count / max(time.perf_counter() - started, 1e-9)
+                    mean = float(total) / count
+                    bar.set_postfix(loss=f"{mean:.4f}", win_s=f"{rate:,.0f}", refresh=False)
         bar.close()
+        total = float(total)  # waits for the device's last step
         seconds = time.perf_counter() - started
         if world > 1:  # the epoch's figures over all ranks
             total, count = comm.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))

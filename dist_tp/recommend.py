@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dist_tp.data.stream import open_prepared
+from dist_tp.device import module_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class Predictor:
         tail = known[-self.max_len :]
         if tail:
             window[-len(tail) :] = tail
-        seq = torch.from_numpy(window).unsqueeze(0)  # [1, L]
-        scores = self.model.score_all(self.model.encode(seq))[0]  # [N+1]
+        seq = to_device(window[None], module_device(self.model))  # [1, L]
+        scores = self.model.score_all(self.model.encode(seq))[0].cpu()  # [N+1]
         scores[0] = float("-inf")
         if exclude_history and known:
             scores[torch.tensor(known)] = float("-inf")

@@ -405,7 +405,7 @@ def step_metrics(window: list) -> dict[str, float]:
 
 def run_tags(cfg, meta: dict, world_size: int) -> dict[str, str]:
     """What a run is, for filtering and comparing: dataset (name and fingerprint), backbone,
-    method, engine, loss, seed, world size, code version."""
+    method, engine, loss, seed, world size, device, code version."""
     source = meta.get("source", {})
     tags = {
         "dataset": meta.get("dataset") or Path(str(cfg.data.path).rstrip("/")).name,
@@ -416,11 +416,24 @@ def run_tags(cfg, meta: dict, world_size: int) -> dict[str, str]:
         "loss": cfg.train.loss,
         "seed": str(cfg.train.seed),
         "world_size": str(world_size),
+        "device": device_name(cfg.train.device),
     }
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def device_name(spec: str) -> str:
+    """``cpu``, or the GPU's model (``cuda:0 NVIDIA H100 80GB HBM3``): timings differ by it."""
+    from dist_tp.device import resolve_device
+
+    device = resolve_device(spec)
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    return f"{device} {torch.cuda.get_device_name(device)}"
 
 
 def start_run(tracker, cfg, out: Path, meta: dict, *, world_size: int) -> None:

@@ -33,6 +33,7 @@ from dist_tp.data.stream import (
     load_sequences,
     open_prepared,
 )
+from dist_tp.device import module_device, resolve_device, to_device
 from dist_tp.evaluate import evaluate
 from dist_tp.examples import eval_queries
 from dist_tp.joint import JointStepper
@@ -108,7 +109,10 @@ def run_training(
     if comm.is_main:
         write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         start_run(tracker, cfg, out, prepared.meta, world_size=comm.world_size)
-    model = build(cfg, prepared.num_items, cfg.data.path)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = build(cfg, prepared.num_items, cfg.data.path).to(device)
     if isinstance(model, Popularity):
         if cfg.train.method != "joint":
             raise ConfigError("model 'pop' has nothing to train: use train.method=joint")
@@ -240,11 +244,12 @@ def discriminator_metrics(model, disc, cfg: Config) -> dict:
 
     seqs = load_sequences(cfg.data.path, roles=["existing"])
     q = eval_queries(seqs, max_len=cfg.model.max_len, offset=1)
+    device = module_device(model)
     model.eval()
     with torch.no_grad():
         logits = torch.cat(
             [
-                disc(model.encode(torch.from_numpy(q.inputs[i : i + 1024])))
+                disc(model.encode(to_device(q.inputs[i : i + 1024], device))).cpu()
                 for i in range(0, len(q.targets), 1024)
             ]
         )
@@ -254,6 +259,7 @@ def discriminator_metrics(model, disc, cfg: Config) -> dict:
 def evaluate_run(path: str | Path) -> tuple[dict, Path]:
     """Recompute a run's metrics from its checkpoint: (metrics, run folder)."""
     model, cfg = load_run(path)
+    model.to(resolve_device("auto"))
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     metrics = _final_metrics(model, cfg)
@@ -265,7 +271,7 @@ def evaluate_run(path: str | Path) -> tuple[dict, Path]:
 
 
 def load_run(path: str | Path):
-    """(model, config) from a run folder or a checkpoint file."""
+    """(model on the CPU, config) from a run folder or a checkpoint file."""
     from dist_tp.config import Config, from_dict
 
     path = Path(path)

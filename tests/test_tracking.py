@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_tp.cli import main
 from dist_tp.config import flatten, load_config, to_dict
@@ -70,6 +71,8 @@ def test_train_logs_params_tags_metrics_and_artifacts(prepared, tmp_path):
     meta = json.loads((Path(prepared("ml-100k")) / "meta.json").read_text())
     assert tags["dataset.sha256"] == meta["source"]["sha256"]
     assert tags["world_size"] == "1"
+    gpu = torch.cuda.is_available()
+    assert tags["device"] == (f"cuda:0 {torch.cuda.get_device_name(0)}" if gpu else "cpu")
     # every final figure, every group and N, equals metrics.json
     metrics = json.loads((out / "metrics.json").read_text())
     final = final_metrics_to_flat(metrics)

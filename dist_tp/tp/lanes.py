@@ -15,6 +15,7 @@ touched and the lanes are dense.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dist_tp.device import module_device, to_device
 from dist_tp.tp.discriminator import disc_loss, grad_reverse
 from dist_tp.tp.sampler import LaneBatch
 
@@ -166,11 +168,29 @@ class InnerLoop:
         adv = disc_loss(logits, labels)
         return pred + adv, (pred.detach(), adv.detach(), logits.detach())
 
+    def _kernels(self) -> contextlib.AbstractContextManager:
+        """On a GPU, kernels that ``vmap`` can batch: the math attention (the fused ones have
+        no batching rule; the per-lane fallback is slow and gave NaNs) and, for RNNs, the
+        native GRU (cuDNN's packs the weights by address, which vmapped weights do not have)."""
+        if module_device(self.model).type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if any(isinstance(m, nn.RNNBase) for m in self.model.modules()):
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        return stack
+
+    def _tensor(self, array: np.ndarray) -> Tensor:
+        """A sampled array on the model's device."""
+        return to_device(array, module_device(self.model))
+
     def _row_tables(self, batch: LaneBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-lane touched rows ``[M, T]`` (sorted, row 0 first) and local ids of the batch."""
-        inputs = torch.from_numpy(batch.rows)  # [M, k, R, L]
-        targets = torch.from_numpy(batch.targets)  # [M, k, B]
-        negatives = torch.from_numpy(batch.negatives)  # [M, k, B, n]
+        inputs = self._tensor(batch.rows)  # [M, k, R, L]
+        targets = self._tensor(batch.targets)  # [M, k, B]
+        negatives = self._tensor(batch.negatives)  # [M, k, B, n]
         lanes = inputs.shape[0]
         ids = torch.cat(
             [inputs.reshape(lanes, -1), targets.reshape(lanes, -1), negatives.reshape(lanes, -1)],
@@ -222,12 +242,12 @@ class InnerLoop:
             touched, inputs, targets, negatives = self._row_tables(batch)
         else:
             touched = None
-            inputs = torch.from_numpy(batch.rows)
-            targets = torch.from_numpy(batch.targets)
-            negatives = torch.from_numpy(batch.negatives)
-        labels = torch.from_numpy(batch.labels)  # [M, k, B]
-        slot_row = torch.from_numpy(batch.slot_row)  # [M, k, B]
-        slot_pos = torch.from_numpy(batch.slot_pos)  # [M, k, B]
+            inputs = self._tensor(batch.rows)
+            targets = self._tensor(batch.targets)
+            negatives = self._tensor(batch.negatives)
+        labels = self._tensor(batch.labels)  # [M, k, B]
+        slot_row = self._tensor(batch.slot_row)  # [M, k, B]
+        slot_pos = self._tensor(batch.slot_pos)  # [M, k, B]
 
         def per_lane(name: str, p: Tensor) -> Tensor:
             if touched is not None and name in self.row_names:
@@ -243,20 +263,21 @@ class InnerLoop:
         for s in range(k):
             calls = []
             for members, n_rows, n_cols in plans[s]:
-                idx = None if len(members) == lanes else torch.from_numpy(members)
+                idx = None if len(members) == lanes else self._tensor(members)
                 drop = width - n_cols  # all-padding columns on the left
                 sub = {n: _take(v, idx) for n, v in lane.items()}
                 dsub = {n: _take(v, idx) for n, v in dlane.items()}
-                out = self._step(
-                    sub,
-                    dsub,
-                    _take(inputs[:, s], idx)[:, :n_rows, drop:],
-                    _take(slot_row[:, s], idx),
-                    _take(slot_pos[:, s], idx) - drop,
-                    _take(targets[:, s], idx),
-                    _take(negatives[:, s], idx),
-                    _take(labels[:, s], idx),
-                )
+                with self._kernels():
+                    out = self._step(
+                        sub,
+                        dsub,
+                        _take(inputs[:, s], idx)[:, :n_rows, drop:],
+                        _take(slot_row[:, s], idx),
+                        _take(slot_pos[:, s], idx) - drop,
+                        _take(targets[:, s], idx),
+                        _take(negatives[:, s], idx),
+                        _take(labels[:, s], idx),
+                    )
                 calls.append((idx, sub, dsub, out))
             if len(calls) == 1:  # every lane in one call, in order
                 _, _, _, ((g, dg), (pred, adv, logit)) = calls[0]
@@ -281,8 +302,8 @@ class InnerLoop:
         stats = InnerStats(
             pred_loss=float(torch.stack(preds).mean()),
             disc_loss=float(torch.stack(advs).mean()),
-            disc_logits=torch.stack(logits, 1).reshape(-1),
-            labels=labels.reshape(-1),
+            disc_logits=torch.stack(logits, 1).reshape(-1).cpu(),
+            labels=labels.reshape(-1).cpu(),
             touched_rows=0 if touched is None else touched.shape[1],
         )
         return grads, dgrads, stats

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from dist_tp.comm import LocalComm, broadcast_module, check_replicas
 from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import load_sequences
+from dist_tp.device import module_device
 from dist_tp.tp.discriminator import Discriminator, auc
 from dist_tp.tp.lanes import InnerLoop
 from dist_tp.tp.outer import OuterUpdate
@@ -48,6 +49,7 @@ class TPStepper:
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.train.seed + 7919)
                 self.disc = Discriminator(cfg.model.dim, tp.disc_hidden)
+            self.disc.to(module_device(model))
         if sampler is None:
             seqs = load_sequences(cfg.data.path, roles=["existing"])
             sampler = TaskSampler(seqs, max_len=cfg.model.max_len)
