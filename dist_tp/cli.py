@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,6 +108,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: a scheduler's preemption, a sweep or torchrun stopping the worker."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_tp.config import load_config
     from dist_tp.train import run_training
@@ -124,12 +134,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or restarted
     tracker = make_tracker(cfg, out, is_main=comm.is_main, fresh=not resume)
+    # SIGTERM ends the run like Ctrl-C: files are whole (atomic writes), the MLflow run is
+    # marked KILLED rather than left RUNNING, and --resume continues it from last.pt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         metrics = run_training(cfg, out, resume=resume, comm=comm, tracker=tracker)
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(exc, (KeyboardInterrupt, Terminated))
+        tracker.finish("KILLED" if stopped else "FAILED")
         comm.abort()
+        if isinstance(exc, Terminated):
+            print(f"terminated; resume with --resume --output {out}", file=sys.stderr)
+            return 128 + signal.SIGTERM
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     comm.close()
     if comm.is_main:
         print(format_metrics(metrics))

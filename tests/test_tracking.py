@@ -251,3 +251,41 @@ def test_server_dies_mid_run_then_sync_completes_the_run(prepared, tmp_path, ser
     assert run.info.status == "FINISHED"
     assert_store_has_spool(c, run.info.run_id, out)
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
+
+
+def test_sigterm_marks_the_run_killed_and_resume_finishes_it(prepared, tmp_path):
+    uri = f"sqlite:///{tmp_path}/store.db"
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dist_tp", "train", str(TINY), f"data.path={prepared('ml-100k')}",
+            f"track.uri={uri}", "train.epochs=40", "train.patience=40"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*args, "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (out / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "resume with --resume" in output
+    c, run = the_run(uri, "dist-tp")
+    assert run.info.status == "KILLED"
+    assert not list(out.glob(".*.tmp"))  # no half-written file left behind
+    done = json.loads((out / "history.json").read_text())
+    # resuming with a shorter budget finishes the same MLflow run
+    epochs = len(done) + 1
+    resumed = main(["train", str(TINY), f"data.path={prepared('ml-100k')}", f"track.uri={uri}",
+                    f"train.epochs={epochs}", "train.patience=40", "--output", str(out),
+                    "--resume"])  # fmt: skip
+    assert resumed == 0
+    c, again = the_run(uri, "dist-tp")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(epochs))
