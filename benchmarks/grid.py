@@ -4,6 +4,11 @@
         --datasets amazon-music,ml-1m --backbones sasrec,gru4rec --losses ce,bce \\
         --seeds 0,1,2 --epochs amazon-music=30,ml-1m=8 --threads 1
     .venv/bin/python benchmarks/grid.py summary results/joint
+    .venv/bin/python benchmarks/grid.py pairs results/joint results/tp-more
+
+``pairs`` sets each ``<backbone>-tp-<loss>`` beside its ``<backbone>-<loss>`` (found under any
+of the roots, first root first) over the seeds both have: mean ± std, the relative change and
+the paired t-test's p (``dist_tp.report.change``), per user group.
 
 Each run is ``dist-tp train configs/<dataset>/<backbone>.yaml`` with the given overrides into
 ``OUT/<dataset>/<backbone>-<loss>/seed<k>``; a finished run (metrics.json present) is skipped,
@@ -111,6 +116,70 @@ def summary(args: argparse.Namespace) -> None:
         )
 
 
+PAIR_COLUMNS = [
+    ("existing", "all", "HR@10"),
+    ("existing", "all", "NDCG@10"),
+    ("existing", "head", "HR@10"),
+    ("existing", "tail", "HR@10"),
+    ("new", "all", "HR@10"),
+    ("new", "all", "NDCG@10"),
+    ("new", "head", "HR@10"),
+    ("new", "tail", "HR@10"),
+]
+
+
+def _runs(roots: list[str], dataset: str, variant: str) -> dict[int, Path]:
+    """seed → finished run folder of ``dataset/variant``, the first root that has it winning."""
+    found: dict[int, Path] = {}
+    for root in roots:
+        for m in sorted((Path(root) / dataset / variant).glob("seed*/metrics_nohist.json")):
+            found.setdefault(int(m.parent.name[4:]), m.parent)
+    return found
+
+
+def _figures(runs: dict[int, Path], seeds: list[int], role: str, group: str, metric: str):
+    """seed → one test figure of each run."""
+    return {
+        s: json.loads((runs[s] / "metrics.json").read_text())[role][group][metric] for s in seeds
+    }
+
+
+def _epochs(runs: dict[int, Path], seeds: list[int]) -> str:
+    return "/".join(str(len(json.loads((runs[s] / "history.json").read_text()))) for s in seeds)
+
+
+def pairs(args: argparse.Namespace) -> None:
+    from dist_tp.report import change
+
+    variants = {(p.parent.name, p.name) for r in args.roots for p in Path(r).glob("*/*")}
+    header = " | ".join(f"{r} {g} {m}" for r, g, m in PAIR_COLUMNS)
+    print(f"| data | model | seeds | epochs (joint; TP) | {header} |")
+    print("| --- " * (4 + len(PAIR_COLUMNS)) + "|")
+    for dataset, variant in sorted(variants):
+        backbone, _, loss = variant.rpartition("-")
+        if not backbone.endswith("-tp"):
+            continue
+        base_runs = _runs(args.roots, dataset, f"{backbone[:-3]}-{loss}")
+        tp_runs = _runs(args.roots, dataset, variant)
+        seeds = sorted(set(base_runs) & set(tp_runs))
+        if not seeds:
+            continue
+
+        cells = []
+        for column in PAIR_COLUMNS:
+            base, tp = _figures(base_runs, seeds, *column), _figures(tp_runs, seeds, *column)
+            c = change(tp, base)
+            p = "" if c.p_value is None else f", p {c.p_value:.2f}"
+            cells.append(
+                f"{_mean_std(list(base.values()))} → {_mean_std(list(tp.values()))} "
+                f"({c.relative:+.1%}{p})"
+            )
+        print(
+            f"| {dataset} | {backbone[:-3]} vs -TP, {loss} | {','.join(map(str, seeds))} | "
+            f"{_epochs(base_runs, seeds)}; {_epochs(tp_runs, seeds)} | " + " | ".join(cells) + " |"
+        )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -129,6 +198,9 @@ def main() -> None:
     p = sub.add_parser("summary")
     p.add_argument("root")
     p.set_defaults(func=summary)
+    p = sub.add_parser("pairs", help="backbone against backbone-TP over shared seeds")
+    p.add_argument("roots", nargs="+")
+    p.set_defaults(func=pairs)
     args = parser.parse_args()
     args.func(args)
 
