@@ -31,6 +31,10 @@ class LocalComm:
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor
 
+    def gather_object(self, obj):
+        """Every rank's ``obj`` as a list on rank 0 (rank order); None on the others."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dist_tp.comm import LocalComm
 from dist_tp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class Engine:
         lr: float,
         weight_decay: float = 0.0,
         grad_clip: float = 0.0,
+        comm=None,
     ) -> None:
         if "RANK" not in os.environ:
             raise ConfigError(
@@ -142,6 +144,7 @@ class Engine:
                 "torchrun --nproc-per-node N -m dist_tp train ... (N may be 1)"
             )
         ds = read_config(path)
+        self.path, self.comm = path, comm or LocalComm()
         self.zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
         deepspeed = import_deepspeed()
         config = engine_config(ds, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
@@ -158,21 +161,61 @@ class Engine:
         self.engine.step()
 
     def state_dict(self) -> dict:
-        # ZeRO-1/2 hold a part of the optimizer state on each rank; rank 0 writes last.pt
-        if self.zero_stage > 0:
-            return {"zero_stage": self.zero_stage}
-        return {"zero_stage": 0, "optimizer": self.engine.optimizer.state_dict()}
+        """The optimizer state; a collective under ZeRO-1/2 (call it on every rank): each
+        rank's partition is gathered, and rank 0's dict holds them all, in rank order."""
+        if self.zero_stage == 0:
+            return {"zero_stage": 0, "optimizer": self.engine.optimizer.state_dict()}
+        local = plain_zero_state(self.engine.optimizer.state_dict())
+        return {"zero_stage": self.zero_stage, "partitions": self.comm.gather_object(local)}
 
     def load_state_dict(self, state: dict) -> None:
-        if "optimizer" not in state:
+        saved = state.get("zero_stage")
+        if saved != self.zero_stage:
             raise ConfigError(
-                f"cannot resume: the run used DeepSpeed ZeRO-{state.get('zero_stage')}, whose "
-                "optimizer state is partitioned across ranks and not in last.pt; "
-                "ZeRO-0 runs (configs/deepspeed/zero0.json) resume exactly"
+                f"cannot resume: last.pt holds a ZeRO-{saved} optimizer state and this run's "
+                f"DeepSpeed config ({self.path}) asks for ZeRO-{self.zero_stage}"
             )
-        if self.zero_stage > 0:
-            raise ConfigError("cannot resume a ZeRO-0 optimizer state into a ZeRO-1/2 engine")
-        self.engine.optimizer.load_state_dict(state["optimizer"])
+        if self.zero_stage == 0:
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+            return
+        parts = state["partitions"]
+        if len(parts) != self.comm.world_size:
+            raise ConfigError(
+                f"cannot resume: last.pt holds ZeRO-{saved} partitions of {len(parts)} ranks; "
+                f"start it again with {len(parts)} ranks (--nproc-per-node x nodes)"
+            )
+        # each rank takes its own partition; the fp32 master copies are restored exactly
+        self.engine.optimizer.load_state_dict(
+            parts, load_optimizer_states=True, load_from_fp32_weights=True
+        )
+
+
+def plain_zero_state(state: dict) -> dict:
+    """The part of a ZeRO-1/2 optimizer's ``state_dict()`` that resuming needs, as tensors
+    and plain values only (it must load with ``weights_only=True``): Adam's state of this
+    rank's partition and the partition's fp32 master weights. Left out: the loss scaler
+    object (static, 1.0, in fp32 training) and the slice mappings (universal checkpoints)."""
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        CLIP_GRAD,
+        DS_VERSION,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
+
+    if not isinstance(state[BASE_OPTIMIZER_STATE], dict):
+        raise ConfigError("cannot checkpoint ZeRO with elastic_checkpoint on: turn it off")
+    plain = {
+        BASE_OPTIMIZER_STATE: state[BASE_OPTIMIZER_STATE],
+        SINGLE_PARTITION_OF_FP32_GROUPS: [
+            t.detach().cpu() for t in state[SINGLE_PARTITION_OF_FP32_GROUPS]
+        ],
+        DS_VERSION: str(state[DS_VERSION]),
+        "dynamic_loss_scale": bool(state.get("dynamic_loss_scale", False)),
+        "overflow": bool(state.get("overflow", False)),
+    }
+    if isinstance(state.get(CLIP_GRAD), (int, float)):
+        plain[CLIP_GRAD] = float(state[CLIP_GRAD])
+    return plain
 
 
 class _Surrogate(nn.Module):
@@ -195,8 +238,8 @@ class EngineOuter:
     discriminator's), which the modules themselves still hold as Θ after the inner loops.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], *, path: str, lr: float) -> None:
-        self.engine = Engine(_Surrogate(modules), path=path, lr=lr)
+    def __init__(self, modules: dict[str, nn.Module], *, path: str, lr: float, comm=None) -> None:
+        self.engine = Engine(_Surrogate(modules), path=path, lr=lr, comm=comm)
         self.bytes_sent = 0  # the engine's own reduction is not counted
 
     def step(self, grads: list[Tensor]) -> None:

@@ -62,6 +62,11 @@ class DistComm(LocalComm):
             tensor.copy_(staged)
         return tensor
 
+    def gather_object(self, obj):
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -120,6 +120,7 @@ class JointStepper:
                 lr=cfg.train.lr,
                 weight_decay=cfg.train.weight_decay,
                 grad_clip=cfg.train.grad_clip,
+                comm=self.comm,
             )
             self.net, self.opt = self.engine, None
         else:

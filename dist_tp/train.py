@@ -164,11 +164,12 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
         log.info("resumed from %s at epoch %d, step %d", out / "last.pt", start, start_step)
 
     def save_last(epoch: int, next_step: int, epoch_done: bool) -> None:
+        stepper_state = stepper.state_dict()  # every rank: ZeRO gathers its partitions here
         if comm.is_main:
             extra = {
                 "best": best,
                 "since_best": since_best,
-                "stepper": stepper.state_dict(),
+                "stepper": stepper_state,
                 "next_step": next_step,
                 "epoch_done": epoch_done,
             }

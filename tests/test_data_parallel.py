@@ -196,17 +196,40 @@ def test_deepspeed_tp_outer_step_equals_the_plain_outer_update(prepared, tmp_pat
     _assert_close_params(ds["params"], plain_tp["params"])
 
 
-def test_cli_deepspeed_tp_run_and_its_resume_rules(prepared, tmp_path):
-    out = tmp_path / "run"
-    args = tiny_tp_args(prepared("ml-100k"), "train.engine=deepspeed", f"train.deepspeed={ZERO[1]}")
-    cmd = torchrun_cmd(*args, "train.epochs=1", "--output", str(out))
-    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["existing"]["all"]["users"] == 754
-    assert torch.load(out / "last.pt", weights_only=True)["stepper"]["outer"] == {"zero_stage": 1}
-    # ZeRO-1's optimizer state is partitioned: resuming says so instead of guessing
-    cmd = torchrun_cmd(*args, "train.epochs=2", "--output", str(out), "--resume")
-    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode != 0
-    assert "cannot resume: the run used DeepSpeed ZeRO-1" in res.stdout + res.stderr
+@pytest.mark.parametrize("method,stage", [("tp", 1), ("joint", 2)])
+def test_deepspeed_zero_run_resumes_exactly(prepared, tmp_path, method, stage):
+    """1 epoch, then --resume to 2, equals 2 epochs straight: each rank's ZeRO partition
+    (Adam's state, fp32 masters) goes through rank 0's last.pt and back to its rank."""
+    args = tiny_tp_args(
+        prepared("ml-100k"),
+        "train.engine=deepspeed",
+        f"train.deepspeed={ZERO[stage]}",
+        f"train.method={method}",
+        "train.patience=9",
+        "track.enabled=false",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(2, *args, "train.epochs=2", "--output", str(straight))
+    torchrun(2, *args, "train.epochs=1", "--output", str(resumed))
+    key = "outer" if method == "tp" else "engine"
+    saved = torch.load(resumed / "last.pt", weights_only=True)["stepper"][key]
+    assert saved["zero_stage"] == stage and len(saved["partitions"]) == 2
+    if method == "tp":  # another number of ranks cannot take the partitions back
+        cmd = torchrun_cmd(*args, "train.epochs=2", "--output", str(resumed), "--resume", nproc=1)
+        res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert res.returncode != 0
+        assert "partitions of 2 ranks; start it again with 2 ranks" in res.stdout + res.stderr
+    torchrun(2, *args, "train.epochs=2", "--output", str(resumed), "--resume")
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed / "last.pt", weights_only=True)
+    assert len(a["history"]) == len(b["history"]) == 2
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=1e-6)
+    for part_a, part_b in zip(a["stepper"][key]["partitions"], b["stepper"][key]["partitions"]):
+        for x, y in zip(
+            part_a["single_partition_of_fp32_groups"], part_b["single_partition_of_fp32_groups"]
+        ):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    assert mb["existing"]["all"]["HR@10"] == pytest.approx(ma["existing"]["all"]["HR@10"], abs=1e-9)

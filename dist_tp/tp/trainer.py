@@ -88,7 +88,9 @@ class TPStepper:
                     "reduction: it needs tp.outer_optimizer=adam and tp.compress=none "
                     "(DeepSpeed's communication_data_type sets the wire dtype)"
                 )
-            self.outer = EngineOuter(self.modules(), path=cfg.train.deepspeed, lr=tp.outer_lr)
+            self.outer = EngineOuter(
+                self.modules(), path=cfg.train.deepspeed, lr=tp.outer_lr, comm=self.comm
+            )
         else:
             self.outer = OuterUpdate(
                 self.params,
