@@ -235,6 +235,20 @@ def test_plan_buckets_covers_every_lane_once_and_splits_off_a_long_lane():
     assert sum(cost(len(m), r, c) for m, r, c in plan) <= cost(16, rows.max(), cols.max())
 
 
+@pytest.mark.parametrize("lanes", [5, 100, 300])
+def test_vectorised_bucket_split_equals_the_python_one(lanes):
+    from dist_tp.tp.lanes import BUCKET_COSTS, DEFAULT_BUCKET_COST, _split_numpy, _split_python
+
+    rng = np.random.default_rng(lanes)
+    rows = rng.integers(1, 34, lanes)
+    cols = np.where(rng.random(lanes) < 0.3, 50, rng.integers(1, 51, lanes))  # ties included
+    for cost in [*BUCKET_COSTS.values(), DEFAULT_BUCKET_COST, BucketCost(call=0.0)]:
+        total, cut = _split_python(rows, cols, cost)
+        assert _split_numpy(rows, cols, cost) == (total, cut)
+    many = plan_buckets(rows, cols, BUCKET_COSTS["SASRec"])  # numpy above 64 lanes
+    assert sorted(np.concatenate([m for m, _, _ in many]).tolist()) == list(range(lanes))
+
+
 def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
     cfg = _config(lanes=1, outer_optimizer="sgd", outer_lr=1.0)
     model, _ = _setup(cfg)
