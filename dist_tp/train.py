@@ -282,6 +282,13 @@ def load_run(path: str | Path):
     prepared = open_prepared(cfg.data.path)
     model = build(cfg, prepared.num_items, cfg.data.path)
     if not isinstance(model, Popularity):
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # keys or shapes differ: another version or config
+            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+            raise ConfigError(
+                f"{ckpt_path}: the checkpoint does not fit the model its config describes "
+                f"(written by another version of dist_tp?): {first}"
+            ) from None
     model.eval()
     return model, cfg

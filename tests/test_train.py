@@ -161,6 +161,16 @@ def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path,
     assert main(["evaluate", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text()) == first
     assert "| existing | all | 754 |" in capsys.readouterr().out
+    # a checkpoint that does not fit its config: a clear error naming the file, no traceback
+    import torch
+
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["model"]["encoder.extra.weight"] = torch.zeros(1)
+    torch.save(state, out / "checkpoint.pt")
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: the checkpoint does not fit the model" in err
+    assert '"encoder.extra.weight"' in err and "Traceback" not in err
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
