@@ -187,6 +187,7 @@ class InnerLoop:
         self.bucketing = bucketing and self.all_positions
         encoder = getattr(model, "encoder", model)
         self.bucket_cost = BUCKET_COSTS.get(type(encoder).__name__, DEFAULT_BUCKET_COST)
+        self.has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
         lane_grad = grad(self._lane_loss, argnums=(0, 1), has_aux=True)
         self._step: Callable = vmap(lane_grad, randomness="different")
 
@@ -216,7 +217,7 @@ class InnerLoop:
 
         stack = contextlib.ExitStack()
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if any(isinstance(m, nn.RNNBase) for m in self.model.modules()):
+        if self.has_rnn:
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         return stack
 
@@ -298,14 +299,14 @@ class InnerLoop:
         plans = self._plans(batch)
         width = inputs.shape[-1]
         preds, advs, logits = [], [], []
-        for s in range(k):
-            calls = []
-            for members, n_rows, n_cols in plans[s]:
-                idx = None if len(members) == lanes else self._tensor(members)
-                drop = width - n_cols  # all-padding columns on the left
-                sub = {n: _take(v, idx) for n, v in lane.items()}
-                dsub = {n: _take(v, idx) for n, v in dlane.items()}
-                with self._kernels():
+        with self._kernels():  # once per outer step: vmap-batchable kernels on a GPU
+            for s in range(k):
+                calls = []
+                for members, n_rows, n_cols in plans[s]:
+                    idx = None if len(members) == lanes else self._tensor(members)
+                    drop = width - n_cols  # all-padding columns on the left
+                    sub = {n: _take(v, idx) for n, v in lane.items()}
+                    dsub = {n: _take(v, idx) for n, v in dlane.items()}
                     out = self._step(
                         sub,
                         dsub,
@@ -316,18 +317,19 @@ class InnerLoop:
                         _take(negatives[:, s], idx),
                         _take(labels[:, s], idx),
                     )
-                calls.append((idx, sub, dsub, out))
-            if len(calls) == 1:  # every lane in one call, in order
-                _, _, _, ((g, dg), (pred, adv, logit)) = calls[0]
-                lane = {n: lane[n] - self.lr * g[n] for n in lane}
-                dlane = {n: dlane[n] - self.lr * dg[n] for n in dlane}
-            else:  # each bucket's lanes updated, written back to their places
-                lane = {n: self._merge(n, lane[n].shape, calls, 0) for n in lane}
-                dlane = {n: self._merge(n, dlane[n].shape, calls, 1) for n in dlane}
-                pred, adv, logit = (_scatter([(c[0], c[3][1][i]) for c in calls]) for i in range(3))
-            preds.append(pred)
-            advs.append(adv)
-            logits.append(logit)
+                    calls.append((idx, sub, dsub, out))
+                if len(calls) == 1:  # every lane in one call, in order
+                    _, _, _, ((g, dg), (pred, adv, logit)) = calls[0]
+                    lane = {n: lane[n] - self.lr * g[n] for n in lane}
+                    dlane = {n: dlane[n] - self.lr * dg[n] for n in dlane}
+                else:  # each bucket's lanes updated, written back to their places
+                    lane = {n: self._merge(n, lane[n].shape, calls, 0) for n in lane}
+                    dlane = {n: self._merge(n, dlane[n].shape, calls, 1) for n in dlane}
+                    parts = [[(c[0], c[3][1][i]) for c in calls] for i in range(3)]
+                    pred, adv, logit = (_scatter(p) for p in parts)
+                preds.append(pred)
+                advs.append(adv)
+                logits.append(logit)
         grads = {}
         for n, p in params.items():
             delta = start[n] - lane[n]  # [M, ...] Θ − θ_k per lane
