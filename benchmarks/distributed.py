@@ -31,7 +31,7 @@ sys.path.insert(0, {repo!r})
 import torch
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.distributed import init_distributed
+from dist_tp.distributed import init_distributed, leave
 from dist_tp.models import build_model
 from dist_tp.tp.trainer import TPStepper
 
@@ -61,6 +61,7 @@ if comm.rank == 0:
         "bytes": (stepper.outer.bytes_sent - sent0) / steps, "params": params,
         "windows": stepper.windows_per_step}}), flush=True)
 comm.close()
+leave(0)
 """
 
 

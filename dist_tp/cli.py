@@ -368,13 +368,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return args.func(args)
+        code = args.func(args)
     except (DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if "torch.distributed" in sys.modules:
+        from dist_tp.distributed import closed, leave
+
+        if closed():  # a torchrun worker that finished: no interpreter finalization
+            leave(code)
+    return code
 
 
 if __name__ == "__main__":

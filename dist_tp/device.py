@@ -8,6 +8,7 @@ leave the model (ranks, logits) come back to the CPU.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -35,9 +36,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for an empty module)."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -84,6 +84,22 @@ def _command(config: str, run: SweepRun, threads: int | None, quiet: bool) -> li
     return cmd
 
 
+def _prepare_tracking(config: str, run: SweepRun) -> None:
+    """Create the MLflow store and experiment before the runs start: parallel runs on a fresh
+    sqlite store would otherwise race to create its tables. A store that does not answer is
+    left to each run, which spools its events."""
+    from dist_tp.tracking import prepare_store, resolve_uri
+
+    track = load_config(config, run.overrides).track
+    if not track.enabled:
+        return
+    uri = resolve_uri(track.uri)
+    try:
+        prepare_store(uri, track.experiment)
+    except Exception as exc:  # noqa: BLE001 - tracking must not stop the sweep
+        log.warning("MLflow at %s not prepared (%s); each run spools its events", uri, exc)
+
+
 def execute(config: str, runs: list[SweepRun], parallel: int = 1) -> dict[str, str]:
     """Run what is not finished, ``parallel`` at a time: run name → finished/skipped/failed."""
     from dist_tp.tracking import Spool, sync
@@ -102,6 +118,8 @@ def execute(config: str, runs: list[SweepRun], parallel: int = 1) -> dict[str, s
                     log.warning("%s: spool not replayed: %s", run.name, exc)
         else:
             todo.append(run)
+    if todo:
+        _prepare_tracking(config, todo[0])
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
 
     def one(run: SweepRun) -> tuple[str, str]:

@@ -172,6 +172,30 @@ class Spool:
         write_json(self.state_path, state)
 
 
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created if missing. Another process may create it (or
+    the store's tables) at the same moment: a failed create is followed by a second lookup."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def prepare_store(uri: str, experiment: str) -> str:
+    """Create the tracking store and ``experiment`` once, before parallel runs start, so that
+    they do not race to create a fresh sqlite store's tables. Returns the experiment id."""
+    _quiet_http()
+    from mlflow.tracking import MlflowClient
+
+    return ensure_experiment(MlflowClient(tracking_uri=uri), experiment)
+
+
 class Delivery:
     """Sends spool events to one MLflow tracking URI; the run id lives in the spool state."""
 
@@ -204,8 +228,7 @@ class Delivery:
         client = self.client
         if op == "start":
             if not state.get("run_id"):
-                exp = client.get_experiment_by_name(event["experiment"])
-                exp_id = exp.experiment_id if exp else client.create_experiment(event["experiment"])
+                exp_id = ensure_experiment(client, event["experiment"])
                 run = client.create_run(exp_id, run_name=event["run_name"], tags=event["tags"])
                 state.update(run_id=run.info.run_id, experiment_id=exp_id, uri=self.uri)
                 self.spool.save_state(state)  # the run exists: never create it twice

@@ -68,6 +68,38 @@ def test_grid_parsing_and_plan_errors_name_the_key(tmp_path):
     assert main(["sweep", str(TINY), "--grid", "tp.kk=1,2", "--out", str(tmp_path)]) == 2
 
 
+def test_sweep_creates_the_store_and_experiment_before_its_runs(tmp_path):
+    """Parallel runs on a fresh sqlite store raced to create its tables; the sweep now makes
+    the store and the experiment once, before any run starts."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_tp.sweep import _prepare_tracking
+
+    uri = f"sqlite:///{tmp_path}/store.db"
+    (run,) = plan(str(TINY), [], 1, out=tmp_path, experiment="early",
+                  overrides=[f"track.uri={uri}"])  # fmt: skip
+    _prepare_tracking(str(TINY), run)
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("early") is not None
+    assert not run.folder.exists()  # nothing ran
+
+
+def test_a_lost_create_race_reuses_the_other_process_experiment():
+    from dist_tp.tracking import ensure_experiment
+
+    class Client:  # another process creates "x" between our lookup and our create
+        def __init__(self):
+            self.calls = 0
+
+        def get_experiment_by_name(self, name):
+            self.calls += 1
+            return None if self.calls == 1 else type("E", (), {"experiment_id": "7"})()
+
+        def create_experiment(self, name):
+            raise RuntimeError("UNIQUE constraint failed: experiments.name")
+
+    assert ensure_experiment(Client(), "x") == "7"
+
+
 def test_sweep_compare_and_plot_on_real_runs(prepared, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     from scipy import stats

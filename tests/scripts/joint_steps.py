@@ -10,7 +10,7 @@ import torch
 
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.distributed import init_distributed
+from dist_tp.distributed import init_distributed, leave
 from dist_tp.joint import JointStepper
 from dist_tp.models import build_model
 
@@ -35,3 +35,4 @@ if comm.rank == 0:
         {"params": params, "sum_over_ranks": summed, "batches": per_rank, "record": record}, out
     )
 comm.close()
+leave(0)

@@ -9,7 +9,7 @@ import torch
 
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.distributed import init_distributed
+from dist_tp.distributed import init_distributed, leave
 from dist_tp.models import build_model
 from dist_tp.tp.trainer import TPStepper
 
@@ -43,3 +43,4 @@ gathered = [comm.all_reduce_sum(torch.cat([p.reshape(-1) for p in params.values(
 if comm.rank == 0:
     torch.save({"params": params, "sum_over_ranks": gathered[0]}, out)
 comm.close()
+leave(0)
