@@ -245,7 +245,7 @@ def test_vectorised_bucket_split_equals_the_python_one(lanes):
     for cost in [*BUCKET_COSTS.values(), DEFAULT_BUCKET_COST, BucketCost(call=0.0)]:
         total, cut = _split_python(rows, cols, cost)
         assert _split_numpy(rows, cols, cost) == (total, cut)
-    many = plan_buckets(rows, cols, BUCKET_COSTS["SASRec"])  # numpy above 64 lanes
+    many = plan_buckets(rows, cols, BUCKET_COSTS["SASRec"])  # numpy above VECTOR_DP_FROM (32) lanes
     assert sorted(np.concatenate([m for m, _, _ in many]).tolist()) == list(range(lanes))
 
 

@@ -94,8 +94,9 @@ def plan_buckets(
 
 VECTOR_DP_FROM = 32
 """Lane counts above this run the split's inner loop in numpy (the same plans, tested). One
-split (plan_buckets runs three per inner step), one thread: Python 0.07 / 1.0 / 15 / 222 ms
-at M = 16 / 64 / 256 / 1024 lanes, numpy 0.15 / 0.6 / 3.0 / 18 ms."""
+split (plan_buckets runs three per inner step), one thread, ``benchmarks/bucket_planner.py``:
+Python 0.05 / 0.17 / 0.66 / 14 / 206 ms at M = 16 / 32 / 64 / 256 / 1024 lanes, numpy
+0.11 / 0.21 / 0.42 / 2.1 / 11 ms."""
 
 
 def _split_python(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple[float, list]:
