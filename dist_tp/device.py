@@ -9,12 +9,15 @@ leave the model (ranks, logits) come back to the CPU.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 
 import numpy as np
 import torch
 
 from dist_tp.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -46,3 +49,37 @@ def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def warn_if_oversubscribed() -> bool:
+    """Warn (and return True) when torch's CPU threads plus the work already running exceed
+    the cores: OpenMP threads then wait on each other, and on a 2-core machine a 2-thread run
+    beside a 1-thread job ran about 100x slower. ``train.threads`` fixes it."""
+    threads = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return False
+    cores = cpu_cores()
+    if threads <= 1 or threads + busy <= cores + 0.5:
+        return False
+    free = max(1, int(cores - busy + 0.5))
+    log.warning(
+        "%d torch threads on %d cores with a load of %.1f already running: OpenMP threads "
+        "will oversubscribe them and can slow training many times over; set "
+        "train.threads=%d (or OMP_NUM_THREADS=%d)",
+        threads,
+        cores,
+        busy,
+        free,
+        free,
+    )
+    return True

@@ -33,7 +33,7 @@ from dist_tp.data.stream import (
     load_sequences,
     open_prepared,
 )
-from dist_tp.device import module_device, resolve_device, to_device
+from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
 from dist_tp.evaluate import evaluate
 from dist_tp.examples import eval_queries
 from dist_tp.joint import JointStepper
@@ -104,6 +104,8 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if comm.is_main and resolve_device(cfg.train.device).type == "cpu":
+        warn_if_oversubscribed()
     set_seed(cfg.train.seed)
     prepared = open_prepared(cfg.data.path)
     if comm.is_main:

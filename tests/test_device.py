@@ -17,7 +17,7 @@ from test_distributed import ENV, REPO, tiny_tp_args, torchrun_cmd
 from test_tp import _config, _setup, _uneven_batch
 
 from dist_tp.config import ConfigError, load_config
-from dist_tp.device import module_device, resolve_device, to_device
+from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
 from dist_tp.distributed import choose_backend
 from dist_tp.evaluate import evaluate
 from dist_tp.joint import JointStepper
@@ -34,6 +34,24 @@ def test_device_spec_is_checked_and_named():
         load_config(TINY, ["train.device=gpu"])
     assert load_config(TINY, ["train.device=cuda:1"]).train.device == "cuda:1"
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_busy_machine_gets_a_thread_warning(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # one core taken
+        assert warn_if_oversubscribed()
+        assert "train.threads=1" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # idle
+        assert not warn_if_oversubscribed() and not caplog.text
+        torch.set_num_threads(1)  # one thread never oversubscribes
+        monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+        assert not warn_if_oversubscribed()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the behaviour without CUDA")
