@@ -11,9 +11,13 @@ of the roots, first root first) over the seeds both have: mean ± std, the relat
 the paired t-test's p (``dist_tp.report.change``), per user group.
 
 Each run is ``dist-tp train configs/<dataset>/<backbone>.yaml`` with the given overrides into
-``OUT/<dataset>/<backbone>-<loss>/seed<k>``; a finished run (metrics.json present) is skipped,
+``OUT/<dataset>/<backbone>-<loss>/seed<k>``; a finished run (``metrics_nohist.json``
+present) is skipped and an interrupted one (``last.pt``, no metrics) continues with resume,
 so an interrupted grid resumes. Every run is also evaluated with ``eval.exclude_history``
-off (``metrics_nohist.json``), from the same checkpoint.
+off (``metrics_nohist.json``), from the same checkpoint. ``--experiment NAME`` tracks each run
+in MLflow (``track.uri`` or ``MLFLOW_TRACKING_URI``) as ``dist-tp train`` does; without it
+nothing is tracked. ``dist-tp sweep`` is the product's way to run a grid; this script keeps
+the layout the figures of RESULTS.md were made with.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from dist_tp.checkpoint import write_json
 from dist_tp.config import load_config
 from dist_tp.evaluate import evaluate
+from dist_tp.tracking import make_tracker
 from dist_tp.train import load_run, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +64,19 @@ def run(args: argparse.Namespace) -> None:
                     ]
                     if dataset in epochs:
                         overrides.append(f"train.epochs={epochs[dataset]}")
+                    if args.experiment:
+                        name = f"{dataset}/{backbone}-{loss}/seed{seed}"
+                        overrides += [f"track.experiment={args.experiment}",
+                                      f"track.run_name={name}"]  # fmt: skip
                     cfg = load_config(REPO / "configs" / dataset / f"{backbone}.yaml", overrides)
+                    resume = (folder / "last.pt").is_file()  # an interrupted run goes on
+                    tracker = (
+                        make_tracker(cfg, folder, is_main=True, fresh=not resume)
+                        if args.experiment
+                        else None
+                    )
                     t0 = time.perf_counter()
-                    run_training(cfg, folder)
+                    run_training(cfg, folder, resume=resume, tracker=tracker)
                     model, cfg = load_run(folder)
                     nohist = evaluate(
                         model,
@@ -194,6 +209,9 @@ def main() -> None:
     p.add_argument("--epochs", default="", help="per dataset: name=N,name=N")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--override", action="append", help="extra key=value for every run")
+    p.add_argument(
+        "--experiment", default="", help="track every run in this MLflow experiment (track.*)"
+    )
     p.set_defaults(func=run)
     p = sub.add_parser("summary")
     p.add_argument("root")
