@@ -44,4 +44,18 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A checkpoint dict on the CPU; a missing or unreadable file is an error naming it."""
+    from dist_tp.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        hint = " (a run folder holds checkpoint.pt)" if path.suffix != ".pt" else ""
+        raise ConfigError(f"{path}: no such checkpoint{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a file that is not a checkpoint
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not a dist_tp checkpoint ({first})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise ConfigError(f"{path}: not a dist_tp checkpoint (no config in it)")
+    return state

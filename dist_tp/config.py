@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending key or file in the message."""
 
 
+def _check_at_least(section: str, bound: float, strict: bool = False, **values: float) -> None:
+    """Each ``section.key`` must be >= ``bound`` (> with ``strict``); the error names it."""
+    for key, value in values.items():
+        if value < bound or (strict and value == bound):
+            relation = ">" if strict else ">="
+            raise ConfigError(f"{section}.{key} must be {relation} {bound:g}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     path: str = ""
@@ -54,6 +62,15 @@ class ModelConfig:
             raise ConfigError("model.dim and model.max_len must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout must be in [0, 1)")
+        _check_at_least(
+            "model",
+            1,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            hidden_size=self.hidden_size,
+            caser_nh=self.caser_nh,
+            caser_nv=self.caser_nv,
+        )
 
 
 @dataclass
@@ -103,6 +120,24 @@ class TrainConfig:
             )
         if self.engine not in ("plain", "deepspeed"):
             raise ConfigError(f"train.engine must be 'plain' or 'deepspeed', got {self.engine!r}")
+        _check_at_least(
+            "train",
+            1,
+            num_negatives=self.num_negatives,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            patience=self.patience,
+            eval_every=self.eval_every,
+        )
+        _check_at_least("train", 0, strict=True, lr=self.lr)
+        _check_at_least(
+            "train",
+            0,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            threads=self.threads,
+            checkpoint_every=self.checkpoint_every,
+        )
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ConfigError(
                 "train.engine=deepspeed needs train.deepspeed=FILE.json "
@@ -149,6 +184,9 @@ class TPConfig:
             )
         if self.lambda_adv < 0:
             raise ConfigError("tp.lambda_adv must be >= 0")
+        _check_at_least("tp", 0, strict=True, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
+        _check_at_least("tp", 0, check_replicas_every=self.check_replicas_every)
+        _check_at_least("tp", 1, **{f"disc_hidden[{i}]": h for i, h in enumerate(self.disc_hidden)})
         if self.compress not in ("none", "bf16", "fp16"):
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
 
@@ -159,6 +197,12 @@ class EvalConfig:
     exclude_history: bool = True
     """Mask the items already in the user's input (never the target)."""
     batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.ks:
+            raise ConfigError("eval.ks must list at least one N")
+        _check_at_least("eval", 1, batch_size=self.batch_size)
+        _check_at_least("eval", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
 
 
 @dataclass

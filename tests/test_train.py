@@ -171,11 +171,30 @@ def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path,
     err = capsys.readouterr().err
     assert "checkpoint.pt: the checkpoint does not fit the model" in err
     assert '"encoder.extra.weight"' in err and "Traceback" not in err
+    # a missing run and a file that is not a checkpoint: errors naming them
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert (
+        "nowhere: no such checkpoint (a run folder holds checkpoint.pt)" in capsys.readouterr().err
+    )
+    (out / "checkpoint.pt").write_text("not a checkpoint")
+    assert main(["evaluate", str(out)]) == 2
+    assert "checkpoint.pt: not a dist_tp checkpoint" in capsys.readouterr().err
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", str(TINY), "train.bogus=1"]) == 2
     assert "unknown config key 'train.bogus'" in capsys.readouterr().err
+    bad = {
+        "train.epochs=-1": "train.epochs must be >= 1, got -1",
+        "train.lr=0": "train.lr must be > 0, got 0.0",
+        "tp.outer_lr=-1": "tp.outer_lr must be > 0, got -1.0",
+        "eval.ks=[10,0]": "eval.ks[1] must be >= 1, got 0",
+        "model.num_layers=0": "model.num_layers must be >= 1, got 0",
+        "train.threads=-2": "train.threads must be >= 0, got -2",
+    }
+    for override, message in bad.items():
+        assert main(["train", str(TINY), "data.path=x", override]) == 2
+        assert message in capsys.readouterr().err, override
     assert main(["train", str(TINY)]) == 2
     assert "data.path is not set" in capsys.readouterr().err
 
