@@ -200,6 +200,12 @@ def test_bad_lines_name_file_and_line_and_write_nothing(tmp_path, text, fmt, lin
     assert not out.exists() and list(tmp_path.iterdir()) == [Path(path)]
 
 
+def test_a_short_csv_row_names_its_line(tmp_path):
+    path = _write(tmp_path, "t.csv", "uid,iid,when\n1,2,3\n1,2,4\n1,x\n2,3,5\n")
+    with pytest.raises(DataError, match=r"t\.csv:4: expected 3 fields, got 2: '1,x'$"):
+        read_interactions(path, "csv", columns={"user": "uid", "item": "iid", "timestamp": "when"})
+
+
 def test_skip_bad_lines_reports_the_count(tmp_path):
     lines = _synthetic_lines(sep="\t")
     lines[3] = "oops"

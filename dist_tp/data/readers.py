@@ -321,13 +321,14 @@ def read_csv_table(
     if not data.strip():
         raise DataError(f"{path}: the input is empty")
     skipped = [0]
+    bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         if on_bad_lines == "skip":
             skipped[0] += 1
             return "skip"
-        line = row.number if row.number is not None else "?"
-        raise _fail(path, line, f"expected {row.expected_columns} fields, got {row.text[:80]!r}")
+        bad.append(row)  # pyarrow ignores exceptions raised here: report it below
+        return "error"
 
     try:
         table = pacsv.read_csv(
@@ -335,11 +336,26 @@ def read_csv_table(
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
         )
     except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: {exc}") from exc
+        if bad:
+            row = bad[0]
+            line = row.number if row.number is not None else _line_of(data, row.text)
+            why = f"expected {row.expected_columns} fields, got {row.actual_columns}"
+            raise _fail(path, line, f"{why}: {row.text[:80]!r}") from None
+        raise DataError(f"{path}: {exc}") from None
     result = _from_table(path, digest, table, columns)
     result.skipped_rows = skipped[0]
     result.raw_rows += skipped[0]
     return result
+
+
+def _line_of(data: bytes, text: str) -> int | str:
+    """The 1-based line of ``data`` whose text is ``text`` (pyarrow's multithreaded parser
+    does not give row numbers); ``?`` if not found."""
+    target = text.encode("utf-8", "replace")
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if line.rstrip(b"\r") == target:
+            return number
+    return "?"
 
 
 def read_parquet_table(path: str, columns: dict[str, str], **_: object) -> Interactions:
