@@ -1,5 +1,5 @@
-"""The ``dist-tp`` command line: prepare, stats, train, evaluate, table, mlflow-sync, compare,
-sweep, plot.
+"""The ``dist-tp`` command line: prepare, stats, train, evaluate, recommend, table, mlflow-sync,
+compare, sweep, plot.
 
 Every user-facing failure (bad data, bad config) ends as one ``error: ...`` line on stderr and
 exit status 2 — never a traceback from deep inside.
@@ -229,6 +229,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_sequences(source: str) -> list[list[str]]:
+    """One sequence per line (items separated by spaces or commas, oldest first); ``-`` is
+    standard input."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{source}: cannot read: {exc}") from None
+    return [line.replace(",", " ").split() for line in text.splitlines()]
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from dist_tp.recommend import Predictor
+
+    if args.n < 1:
+        raise ConfigError(f"-n must be >= 1, got {args.n}")
+    if bool(args.items) == bool(args.input):
+        raise ConfigError("give the items of one sequence, or --input FILE (one per line)")
+    sequences = _read_sequences(args.input) if args.input else [args.items]
+    predictor = Predictor.from_run(args.run)
+    tops = predictor.recommend_many(sequences, args.n, exclude_history=not args.include_history)
+    for top in tops:
+        print(json.dumps(top) if args.json else " ".join(str(item) for item in top))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_tp.checkpoint import write_json
     from dist_tp.train import evaluate_run
@@ -327,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
     p.add_argument("run", help="run folder or checkpoint file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "recommend", help="top-n original item ids after item sequences, from a saved run"
+    )
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("items", nargs="*", help="one sequence's original item ids, oldest first")
+    p.add_argument("-n", type=int, default=10, help="recommendations per sequence (default 10)")
+    p.add_argument(
+        "--input",
+        help="a file with one sequence per line (ids split by spaces or commas); - = stdin",
+    )
+    p.add_argument(
+        "--include-history", action="store_true", help="allow items already in the sequence"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON list per line")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("mlflow-sync", help="replay a run folder's spooled MLflow events")
     p.add_argument("runs", nargs="+", help="run folders (with mlflow/spool.jsonl)")

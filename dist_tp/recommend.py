@@ -45,11 +45,9 @@ class Predictor:
             item_ids = pq.read_table(f, columns=["original_id"]).column(0).to_pylist()
         return cls(model, item_ids=item_ids, max_len=cfg.model.max_len)
 
-    @torch.no_grad()
-    def recommend(
-        self, item_sequence: Sequence, n: int = 10, *, exclude_history: bool = True
-    ) -> list:
-        """The top-``n`` original item ids after ``item_sequence`` (oldest first)."""
+    def _window(self, item_sequence: Sequence) -> tuple[np.ndarray, list[int]]:
+        """The model's input for a sequence (its last L known items, left-padded), and the
+        known items."""
         known = [self.index[x] for x in item_sequence if x in self.index]
         if len(known) < len(item_sequence):
             log.warning("%d unknown items ignored", len(item_sequence) - len(known))
@@ -57,10 +55,38 @@ class Predictor:
         tail = known[-self.max_len :]
         if tail:
             window[-len(tail) :] = tail
-        seq = to_device(window[None], module_device(self.model))  # [1, L]
-        scores = self.model.score_all(self.model.encode(seq))[0].cpu()  # [N+1]
-        scores[0] = float("-inf")
-        if exclude_history and known:
-            scores[torch.tensor(known)] = float("-inf")
-        top = torch.topk(scores, min(n, len(self.original))).indices.tolist()
-        return [self.original[i - 1] for i in top if scores[i] > float("-inf")]
+        return window, known
+
+    def recommend(
+        self, item_sequence: Sequence, n: int = 10, *, exclude_history: bool = True
+    ) -> list:
+        """The top-``n`` original item ids after ``item_sequence`` (oldest first)."""
+        return self.recommend_many([item_sequence], n, exclude_history=exclude_history)[0]
+
+    @torch.no_grad()
+    def recommend_many(
+        self,
+        sequences: Sequence[Sequence],
+        n: int = 10,
+        *,
+        exclude_history: bool = True,
+        batch_size: int = 512,
+    ) -> list[list]:
+        """``recommend`` for many sequences, ``batch_size`` per forward pass."""
+        out = []
+        device = module_device(self.model)
+        for start in range(0, len(sequences), batch_size):
+            windows, knowns = zip(*(self._window(s) for s in sequences[start : start + batch_size]))
+            seq = to_device(np.stack(windows), device)  # [B, L]
+            scores = self.model.score_all(self.model.encode(seq)).cpu()  # [B, N+1]
+            scores[:, 0] = float("-inf")
+            if exclude_history:
+                for row, known in enumerate(knowns):
+                    if known:
+                        scores[row, torch.tensor(known)] = float("-inf")
+            top = torch.topk(scores, min(n, len(self.original)), dim=1)
+            for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+                out.append(
+                    [self.original[i - 1] for v, i in zip(values, indices) if v > float("-inf")]
+                )
+        return out

@@ -210,3 +210,32 @@ def test_recommend_any_sequence(prepared, tmp_path):
     assert len(top) == 10 and len(set(top)) == 10
     assert not set(top) & set(history)
     assert len(predictor.recommend(["no-such-item"], n=5)) == 5
+    # batched: the same lists as one at a time, in order
+    histories = [
+        [predictor.original[i - 1] for i in seqs.items[seqs.offsets[u] : seqs.offsets[u + 1]]]
+        for u in range(5)
+    ]
+    many = predictor.recommend_many([*histories, []], n=7, batch_size=2)
+    assert many == [predictor.recommend(h, n=7) for h in [*histories, []]]
+
+
+def test_recommend_command(prepared, tmp_path, capsys):
+    from dist_tp.recommend import Predictor
+
+    run = tmp_path / "run"
+    run_training(tiny(prepared, "train.epochs=1"), run)
+    predictor = Predictor.from_run(run)
+    ids = [str(x) for x in predictor.original[:3]]
+    capsys.readouterr()
+    assert main(["recommend", str(run), *ids, "-n", "5"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.split() == [str(x) for x in predictor.recommend(ids, n=5)]
+    lines = tmp_path / "seqs.txt"
+    lines.write_text(f"{ids[0]},{ids[1]}\n\n{ids[2]}\n")
+    assert main(["recommend", str(run), "--input", str(lines), "-n", "3", "--json"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert out == [predictor.recommend(s, n=3) for s in [ids[:2], [], ids[2:]]]
+    assert main(["recommend", str(run)]) == 2  # no sequence given
+    assert "give the items of one sequence" in capsys.readouterr().err
+    assert main(["recommend", str(run), "--input", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt: cannot read" in capsys.readouterr().err
