@@ -258,9 +258,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_tp.checkpoint import write_json
     from dist_tp.train import evaluate_run
 
-    metrics, folder = evaluate_run(args.run)
-    write_json(folder / "metrics.json", metrics)
+    metrics, folder = evaluate_run(args.run, args.overrides)
+    target = Path(args.out) if args.out else None
+    if target is None and not args.overrides:
+        target = folder / "metrics.json"
+    if target is not None:
+        write_json(target, metrics)
     print(format_metrics(metrics))
+    if target is None:
+        print("(not written: these differ from the run's own settings; pass --out FILE)")
     return 0
 
 
@@ -295,8 +301,13 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_metrics(metrics: dict, ks: tuple[int, ...] = (10,)) -> str:
-    """A small table: rows role/group, columns HR@k and NDCG@k."""
+def format_metrics(metrics: dict, ks: tuple[int, ...] | None = None) -> str:
+    """A small table: rows role/group, columns HR@k and NDCG@k (default: N = 10, or every N
+    measured when 10 is not)."""
+    if ks is None:
+        first = next(iter(metrics.get("existing", {}).values()), {})
+        measured = sorted(int(key[3:]) for key in first if key.startswith("HR@"))
+        ks = (10,) if 10 in measured or not measured else tuple(measured)
     lines = ["| users | group | n | " + " | ".join(f"HR@{k} | NDCG@{k}" for k in ks) + " |"]
     lines.append("| --- " * (3 + 2 * len(ks)) + "|")
     for role in ("existing", "new"):
@@ -351,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
     p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("overrides", nargs="*", help="eval.key=value (e.g. eval.exclude_history=false)")
+    p.add_argument(
+        "--out", help="write the metrics here (default: RUN/metrics.json, if no overrides)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from dist_tp.checkpoint import (
     write_text,
 )
 from dist_tp.comm import LocalComm
-from dist_tp.config import Config, ConfigError, to_dict
+from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from dist_tp.data.stream import (
     concat_ranges,
     load_sequences,
@@ -259,13 +260,30 @@ def discriminator_metrics(model, disc, cfg: Config) -> dict:
     return disc_figures(logits, torch.from_numpy(q.is_head.astype(np.float32)))
 
 
-def evaluate_run(path: str | Path) -> tuple[dict, Path]:
-    """Recompute a run's metrics from its checkpoint: (metrics, run folder)."""
+def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Path]:
+    """Recompute a run's metrics from its checkpoint: (metrics, run folder). ``overrides``
+    change ``eval.*`` keys only (e.g. ``eval.exclude_history=false``). A TP run's
+    discriminator figures are recomputed too."""
     model, cfg = load_run(path)
-    model.to(resolve_device("auto"))
+    if overrides:
+        bad = [o for o in overrides if not o.startswith("eval.")]
+        if bad:
+            raise ConfigError(
+                f"{bad[0]!r}: only eval.* keys can change when evaluating a saved run"
+            )
+        cfg = from_dict(Config, apply_overrides(to_dict(cfg), list(overrides)))
+    device = resolve_device("auto")
+    model.to(device)
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     metrics = _final_metrics(model, cfg)
+    state = load_checkpoint(_checkpoint_file(path))
+    if "disc" in state:
+        from dist_tp.tp.discriminator import Discriminator
+
+        disc = Discriminator(cfg.model.dim, cfg.tp.disc_hidden)
+        disc.load_state_dict(state["disc"])
+        metrics["discriminator"] = discriminator_metrics(model, disc.to(device).eval(), cfg)
     metrics["dataset"] = {
         "path": cfg.data.path,
         "sha256": open_prepared(cfg.data.path).meta["source"]["sha256"],
@@ -273,12 +291,13 @@ def evaluate_run(path: str | Path) -> tuple[dict, Path]:
     return metrics, folder
 
 
+def _checkpoint_file(path: Path) -> Path:
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
 def load_run(path: str | Path):
     """(model on the CPU, config) from a run folder or a checkpoint file."""
-    from dist_tp.config import Config, from_dict
-
-    path = Path(path)
-    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    ckpt_path = _checkpoint_file(Path(path))
     state = load_checkpoint(ckpt_path)
     cfg = from_dict(Config, state["config"])
     prepared = open_prepared(cfg.data.path)

@@ -181,6 +181,26 @@ def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path,
     assert "checkpoint.pt: not a dist_tp checkpoint" in capsys.readouterr().err
 
 
+def test_evaluate_a_tp_run_and_with_other_eval_settings(prepared, tmp_path, capsys):
+    run = tmp_path / "tp"
+    cfg = tiny(prepared, "train.method=tp", "tp.lanes=2", "train.epochs=1", "train.seed=3")
+    first = json.loads(json.dumps(run_training(cfg, run)))
+    assert "discriminator" in first
+    (run / "metrics.json").unlink()
+    assert main(["evaluate", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text()) == first  # discriminator included
+    out = tmp_path / "nohist.json"
+    assert main(["evaluate", str(run), "eval.exclude_history=false", "--out", str(out)]) == 0
+    nohist = json.loads(out.read_text())
+    assert nohist["existing"]["all"]["HR@10"] != first["existing"]["all"]["HR@10"]
+    assert json.loads((run / "metrics.json").read_text()) == first  # the run's own untouched
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "eval.ks=[5]"]) == 0  # printed, not written
+    assert "pass --out FILE" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "train.lr=1"]) == 2
+    assert "only eval.* keys can change" in capsys.readouterr().err
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", str(TINY), "train.bogus=1"]) == 2
     assert "unknown config key 'train.bogus'" in capsys.readouterr().err
