@@ -165,6 +165,8 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
         else:
             start, start_step = state["epoch"], state["next_step"]
         log.info("resumed from %s at epoch %d, step %d", out / "last.pt", start, start_step)
+    elif resume:
+        log.warning("nothing to resume: %s has no last.pt; training starts from scratch", out)
 
     def save_last(epoch: int, next_step: int, epoch_done: bool) -> None:
         stepper_state = stepper.state_dict()  # every rank: ZeRO gathers its partitions here
