@@ -1,6 +1,6 @@
 """Training throughput (windows/s) per backbone and loss, and full-ranking evaluation time.
 
-    .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2] [--device cuda]
+    .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2] [--device cuda] [--bf16]
 
 Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
 an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
@@ -65,7 +65,9 @@ def joint_steps(cfg, device: torch.device):
                 all_positions=model.supports_all_positions,
             )
             for mb in batches(rows, cfg.train.batch_size, rng):
-                loss = batch_loss(model, mb, cfg, gen)
+                bf16 = cfg.train.precision == "bf16"
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = batch_loss(model, mb, cfg, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -126,6 +128,9 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--losses", default="ce,bce")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also joint training under bf16 autocast (a GPU's)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -139,11 +144,12 @@ def main() -> None:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
         padded = " | TP padded windows/s | TP padded epoch / joint epoch" if args.padded else ""
+        padded += " | joint bf16 windows/s | bf16 / fp32" if args.bf16 else ""
         print(
             "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
             f"| TP windows/s | TP epoch / joint epoch{padded} |"
         )
-        print("| --- " * (10 if args.padded else 8) + "|")
+        print("| --- " * (8 + 2 * args.padded + 2 * args.bf16) + "|")
         for backbone in args.backbones.split(","):
             for data in datasets:
                 for loss in args.losses.split(","):
@@ -156,11 +162,20 @@ def main() -> None:
                         runs.append(tp_steps(cfg, device))
                     if args.tp and args.padded:
                         runs.append(tp_steps(cfg, device, bucketing=False))
+                    if args.bf16:
+                        half = load_config(
+                            REPO / "configs" / data / f"{backbone}.yaml",
+                            [f"data.path={paths[data]}", f"train.loss={loss}",
+                             "train.precision=bf16"],
+                        )  # fmt: skip
+                        runs.append(joint_steps(half, device))
                     timed = rates(runs, args.seconds, device=device)
+                    half_rate = timed.pop() if args.bf16 else float("nan")
                     rate, tp, slow = [*timed, float("nan"), float("nan")][:3]
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
                     extra = f" | {slow:,.0f} | {rate / slow:.2f}" if args.padded else ""
+                    extra += f" | {half_rate:,.0f} | {half_rate / rate:.2f}" if args.bf16 else ""
                     print(
                         f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} "
                         f"| {tp:,.0f} | {rate / tp:.2f}{extra} |",

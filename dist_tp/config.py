@@ -101,6 +101,11 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (this rank's GPU when CUDA is present, else the CPU), ``cpu``, ``cuda`` or
     ``cuda:N``."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: joint training's forward and loss under bfloat16 autocast
+    (parameters, gradients and Adam stay float32; evaluation always ranks in float32, since
+    bf16 scores would tie). Meant for GPUs; plain engine, joint method only (TP inner loops
+    run in float32; DeepSpeed takes bf16 from its JSON)."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
     (the optimizer runs inside a DeepSpeed engine, ZeRO 0-2; needs torchrun)."""
@@ -138,6 +143,17 @@ class TrainConfig:
             threads=self.threads,
             checkpoint_every=self.checkpoint_every,
         )
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision == "bf16" and self.method != "joint":
+            raise ConfigError(
+                "train.precision=bf16 is for joint training; TP inner loops run in float32"
+            )
+        if self.precision == "bf16" and self.engine == "deepspeed":
+            raise ConfigError(
+                "train.precision=bf16 with train.engine=deepspeed: enable bf16 in the "
+                "DeepSpeed JSON instead"
+            )
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ConfigError(
                 "train.engine=deepspeed needs train.deepspeed=FILE.json "

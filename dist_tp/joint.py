@@ -158,6 +158,13 @@ class JointStepper:
             rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
             yield from batches(rows, cfg.train.batch_size, rng)
 
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the forward and loss when ``train.precision`` is bf16 (the
+        backward follows the forward's dtypes; parameters and Adam stay float32)."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
+        )
+
     def _update(self, loss: torch.Tensor) -> None:
         if self.engine is not None:
             self.engine.update(loss)  # DeepSpeed: reduce, clip, step, zero the grads
@@ -196,7 +203,8 @@ class JointStepper:
             elif mb is None:
                 break
             inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
-            loss = self.net(inputs, targets, generator=self.gen)
+            with self._autocast():
+                loss = self.net(inputs, targets, generator=self.gen)
             self._update(loss * weight)
             steps += 1
             if n:

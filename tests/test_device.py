@@ -174,6 +174,53 @@ def test_cuda_joint_epoch_and_evaluation_equal_cpu(prepared, loss):
                 assert on_gpu[split][role]["all"][key] == pytest.approx(value, abs=5e-3)
 
 
+def _bf16_against_fp32(path: str, name: str, loss: str, device: str) -> tuple[dict, dict, list]:
+    """One joint epoch from the same weights in fp32 and in bf16: (fp32, bf16, bf16 params)."""
+    from dist_tp.data.stream import open_prepared
+
+    records, params = {}, None
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(
+            TINY,
+            [f"data.path={path}", f"model.name={name}", f"train.loss={loss}",
+             f"train.precision={precision}", "model.dropout=0.0"],
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg.model, open_prepared(path).num_items).to(device)
+        records[precision] = JointStepper(model, cfg).run_epoch(0)
+        params = list(model.parameters())
+    return records["fp32"], records["bf16"], params
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "caser"])
+def test_bf16_joint_epoch_tracks_fp32_on_the_cpu(prepared, name):
+    """CPU autocast runs the same code path as a GPU's (where bf16 is meant to pay off)."""
+    fp32, bf16, params = _bf16_against_fp32(prepared("ml-100k"), name, "ce", "cpu")
+    assert bf16["windows"] == fp32["windows"] and bf16["steps"] == fp32["steps"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=5e-3)
+    assert bf16["loss"] != fp32["loss"]  # bf16 did run: not bit-identical
+    assert all(p.dtype == torch.float32 for p in params)  # master weights stay float32
+
+
+def test_bf16_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError, match="TP inner loops run in float32"):
+        load_config(TINY, ["train.method=tp", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match="enable bf16 in the DeepSpeed JSON"):
+        load_config(
+            TINY, ["train.engine=deepspeed", "train.deepspeed=x.json", "train.precision=bf16"]
+        )
+    with pytest.raises(ConfigError, match="train.precision must be fp32 or bf16"):
+        load_config(TINY, ["train.precision=fp16"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "caser"])
+def test_cuda_bf16_joint_epoch_tracks_fp32(prepared, name):
+    fp32, bf16, params = _bf16_against_fp32(prepared("ml-100k"), name, "ce", "cuda")
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=5e-3)
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in params)
+
+
 def _run_cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
