@@ -10,9 +10,9 @@ the same data), takes each user's gradient of the mean ``ce`` loss over all of t
 training windows, and prints the users' training loss (mean per user, as TP's uniform user
 sampling weighs it; per window, as joint training does; head and tail), the mean pairwise
 cosine similarity of the gradients over all pairs of users, head-head, tail-tail and
-head-tail pairs, and the mean gradient norm of head and tail users. ``encoder`` leaves the item table out; ``all``
-includes it. Runs at different losses are not directly comparable: near a minimum of the
-training loss, the users' gradients cancel on average.
+head-tail pairs, and the mean gradient norm of head and tail users. ``encoder`` leaves the
+item table out; ``all`` includes it. Runs at different losses are not directly comparable:
+near a minimum of the training loss, the users' gradients cancel on average.
 """
 
 from __future__ import annotations
