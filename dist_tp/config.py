@@ -101,6 +101,11 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (this rank's GPU when CUDA is present, else the CPU), ``cpu``, ``cuda`` or
     ``cuda:N``."""
+    balance: str = "window"
+    """Joint training's loss weighting: ``window`` (each window counts once: the paper's
+    backbones) or ``user`` (each user's windows share one unit of weight, the mean over users
+    of each user's mean loss, as TP's uniform choice of users weighs them; weights are
+    normalised within each pool of streamed users)."""
     precision: str = "fp32"
     """``fp32``, or ``bf16``: joint training's forward and loss under bfloat16 autocast
     (parameters, gradients and Adam stay float32; evaluation always ranks in float32, since
@@ -143,6 +148,12 @@ class TrainConfig:
             threads=self.threads,
             checkpoint_every=self.checkpoint_every,
         )
+        if self.balance not in ("window", "user"):
+            raise ConfigError(f"train.balance must be window or user, got {self.balance!r}")
+        if self.balance == "user" and self.method != "joint":
+            raise ConfigError(
+                "train.balance=user is for joint training; TP already draws users uniformly"
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and self.method != "joint":

@@ -25,10 +25,17 @@ from dist_tp.data.stream import UserSequences, concat_ranges
 
 @dataclass
 class Rows:
-    """Training rows: ``inputs`` [R, L] left-padded, ``targets`` [R, L] (0 = none)."""
+    """Training rows: ``inputs`` [R, L] left-padded, ``targets`` [R, L] (0 = none), and
+    optionally ``weights`` [R, L], each target's weight in the loss (None: all 1)."""
 
     inputs: np.ndarray
     targets: np.ndarray
+    weights: np.ndarray | None = None
+
+    def take(self, index: np.ndarray) -> Rows:
+        """The rows at ``index``."""
+        weights = None if self.weights is None else self.weights[index]
+        return Rows(self.inputs[index], self.targets[index], weights)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -48,9 +55,44 @@ def windows(flat: np.ndarray, ends: np.ndarray, starts: np.ndarray, max_len: int
 
 
 def training_rows(
-    seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int = 2
+    seqs: UserSequences,
+    *,
+    max_len: int,
+    all_positions: bool,
+    holdout: int = 2,
+    balance: str = "window",
 ) -> Rows:
-    """All training rows of ``seqs`` (existing users; the last ``holdout`` items held out)."""
+    """All training rows of ``seqs`` (existing users; the last ``holdout`` items held out).
+
+    ``balance="user"`` adds weights: user u's n_u windows each weigh W / (U · n_u) (W windows
+    and U users in ``seqs``), so every user carries the same total weight and the weights
+    average 1: the mean weighted loss is the mean over users of each user's mean loss."""
+    rows = _training_rows(seqs, max_len=max_len, all_positions=all_positions, holdout=holdout)
+    if balance == "window":
+        return rows
+    if balance != "user":
+        raise ValueError(f"balance must be 'window' or 'user', got {balance!r}")
+    n_targets = np.maximum(np.maximum(seqs.lengths - holdout, 0) - 1, 0)  # [U] windows
+    users = int((n_targets > 0).sum())
+    per_user = np.where(
+        n_targets > 0, n_targets.sum() / (max(users, 1) * np.maximum(n_targets, 1)), 0
+    )
+    owner = _row_owner(n_targets, max_len, all_positions)  # [R] user of each row
+    weights = np.where(rows.targets > 0, per_user[owner][:, None], 0.0).astype(np.float32)
+    return Rows(rows.inputs, rows.targets, weights)
+
+
+def _row_owner(n_targets: np.ndarray, max_len: int, all_positions: bool) -> np.ndarray:
+    """The user of each row of ``_training_rows``, in its order."""
+    users = np.arange(len(n_targets))
+    if not all_positions:
+        return np.repeat(users, n_targets)
+    first = users[n_targets > 0]  # one first row per user with a target
+    later = np.repeat(users, np.maximum(n_targets - max_len, 0))
+    return np.concatenate([first, later])
+
+
+def _training_rows(seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int) -> Rows:
     flat = np.concatenate([seqs.items.astype(np.int64), [0]])
     starts = seqs.offsets[:-1]
     n_train = np.maximum(seqs.lengths - holdout, 0)  # [U] training items per user

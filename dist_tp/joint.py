@@ -32,7 +32,7 @@ def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[R
     batch_id = (np.cumsum(windows) - 1) // batch_size
     bounds = np.flatnonzero(np.diff(batch_id)) + 1
     for chunk in np.split(order, bounds):
-        yield Rows(rows.inputs[chunk], rows.targets[chunk])
+        yield rows.take(chunk)
 
 
 def rows_loss(
@@ -43,16 +43,23 @@ def rows_loss(
     kind: str,
     num_negatives: int,
     generator: torch.Generator | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean next-item loss over the windows of rows ``inputs``/``targets`` [R, L]."""
+    """Mean next-item loss over the windows of rows ``inputs``/``targets`` [R, L]; with
+    ``weights`` [R, L], the mean of each window's loss times its weight."""
     if model.supports_all_positions:
         mask = targets > 0  # [R, L]
         emb = model.encode_all(inputs)[mask]  # [M, D]
         pos = targets[mask]  # [M]
+        w = None if weights is None else weights[mask]  # [M]
     else:
         emb = model.encode(inputs)  # [R, D]
         pos = targets[:, -1]  # [R]
-    return model.loss(emb, pos, kind=kind, num_negatives=num_negatives, generator=generator)
+        w = None if weights is None else weights[:, -1]  # [R]
+    kw = dict(kind=kind, num_negatives=num_negatives, generator=generator)
+    if w is None:
+        return model.loss(emb, pos, **kw)
+    return (model.loss(emb, pos, reduction="none", **kw) * w).mean()
 
 
 def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> torch.Tensor:
@@ -64,6 +71,7 @@ def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> to
         kind=cfg.train.loss,
         num_negatives=cfg.train.num_negatives,
         generator=generator,
+        weights=None if rows.weights is None else to_device(rows.weights, device),
     )
 
 
@@ -76,7 +84,7 @@ class JointLoss(torch.nn.Module):
         self.model = model
         self.kind, self.num_negatives = cfg.train.loss, cfg.train.num_negatives
 
-    def forward(self, inputs, targets, generator=None) -> torch.Tensor:
+    def forward(self, inputs, targets, generator=None, weights=None) -> torch.Tensor:
         return rows_loss(
             self.model,
             inputs,
@@ -84,14 +92,16 @@ class JointLoss(torch.nn.Module):
             kind=self.kind,
             num_negatives=self.num_negatives,
             generator=generator,
+            weights=weights,
         )
 
 
-def _idle_rows(max_len: int) -> Rows:
+def _idle_rows(max_len: int, weighted: bool) -> Rows:
     """One valid row for a rank that has run out of mini-batches (its loss weight is 0)."""
     inputs = np.zeros((1, max_len), dtype=np.int64)
     inputs[0, -1] = 1
-    return Rows(inputs, inputs.copy())
+    weights = inputs.astype(np.float32) if weighted else None  # the same graph as the others
+    return Rows(inputs, inputs.copy(), weights)
 
 
 class JointStepper:
@@ -154,6 +164,7 @@ class JointStepper:
                 to_sequences(batch),
                 max_len=cfg.model.max_len,
                 all_positions=self.model.supports_all_positions,
+                balance=cfg.train.balance,
             )
             rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
             yield from batches(rows, cfg.train.batch_size, rng)
@@ -199,12 +210,17 @@ class JointStepper:
                 if n_all == 0:
                     break
                 weight = world * n / n_all  # the gradient average becomes window-weighted
-                mb = mb if mb is not None else _idle_rows(cfg.model.max_len)
+                mb = (
+                    mb
+                    if mb is not None
+                    else _idle_rows(cfg.model.max_len, cfg.train.balance == "user")
+                )
             elif mb is None:
                 break
             inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
+            weights = None if mb.weights is None else to_device(mb.weights, self.device)
             with self._autocast():
-                loss = self.net(inputs, targets, generator=self.gen)
+                loss = self.net(inputs, targets, generator=self.gen, weights=weights)
             self._update(loss * weight)
             steps += 1
             if n:

@@ -41,12 +41,11 @@ def _flat(params: dict) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in params.values()])
 
 
-@pytest.fixture(scope="module")
-def union_reference(prepared):
+def _union_reference(path: str, *overrides: str):
     """One process, one epoch: Adam on the union of rank 0's and rank 1's t-th mini-batch."""
-    path = prepared("ml-100k")
     cfg = load_config(
-        "configs/tiny.yaml", [f"data.path={path}", "model.dropout=0.0", "train.seed=3"]
+        "configs/tiny.yaml",
+        [f"data.path={path}", "model.dropout=0.0", "train.seed=3", *overrides],
     )
     torch.manual_seed(0)  # rank 0's initialisation
     model = build_model(cfg.model, open_prepared(path).num_items)
@@ -55,8 +54,11 @@ def union_reference(prepared):
     steps = 0
     for pair in zip_longest(*(v.epoch_batches(0) for v in views)):
         parts = [b for b in pair if b is not None]
+        weights = None if parts[0].weights is None else np.concatenate([b.weights for b in parts])
         union = Rows(
-            np.concatenate([b.inputs for b in parts]), np.concatenate([b.targets for b in parts])
+            np.concatenate([b.inputs for b in parts]),
+            np.concatenate([b.targets for b in parts]),
+            weights,
         )
         loss = batch_loss(model, union, cfg, None)
         opt.zero_grad()
@@ -64,6 +66,11 @@ def union_reference(prepared):
         opt.step()
         steps += 1
     return {n: p.detach().clone() for n, p in model.named_parameters()}, steps
+
+
+@pytest.fixture(scope="module")
+def union_reference(prepared):
+    return _union_reference(prepared("ml-100k"))
 
 
 def _joint_run(path: str, out: Path, *overrides: str, env=ENV) -> dict:
@@ -112,6 +119,13 @@ def test_ddp_epoch_equals_one_process_on_the_union_of_the_ranks_batches(
     existing = load_sequences(prepared("ml-100k"), roles=["existing"])
     rows = training_rows(existing, max_len=10, all_positions=True)
     assert state["record"]["windows"] == int(rows.windows.sum())  # no window dropped
+
+
+def test_ddp_with_user_balanced_weights_equals_the_union(prepared, tmp_path):
+    """Each rank's weighted mean loss, window-weighted across ranks, is the union's."""
+    path = prepared("ml-100k")
+    state = _joint_run(path, tmp_path / "ddp.pt", "train.balance=user")
+    _assert_matches(state, _union_reference(path, "train.balance=user"))
 
 
 def test_cli_joint_under_torchrun_writes_the_run_folder(prepared, tmp_path):

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.stream import UserSequences, load_sequences
 from dist_tp.examples import eval_queries, training_rows
+from dist_tp.joint import rows_loss
+from dist_tp.models import build_model
 from dist_tp.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +84,48 @@ def test_training_rows_are_exactly_the_papers_windows(all_positions):
     expected = set().union(*(_brute_force_windows(list(s), 5) for s in items))
     assert _rows_to_windows(rows, all_positions) == expected
     assert rows.windows.sum() == sum(max(n - 3, 0) for n in lengths)
+
+
+@pytest.mark.parametrize("all_positions", [True, False])
+def test_user_balanced_rows_give_the_mean_of_per_user_losses(all_positions):
+    rng = np.random.default_rng(1)
+    lengths = [3, 4, 7, 12, 25]
+    seqs = UserSequences(
+        user=np.arange(1, 6, dtype=np.int32),
+        is_new=np.zeros(5, bool),
+        is_head=np.zeros(5, bool),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        items=rng.integers(1, 40, sum(lengths)).astype(np.int32),
+    )
+    plain = training_rows(seqs, max_len=5, all_positions=all_positions)
+    rows = training_rows(seqs, max_len=5, all_positions=all_positions, balance="user")
+    assert np.array_equal(rows.inputs, plain.inputs) and plain.weights is None
+    assert rows.weights[rows.targets == 0].sum() == 0
+    assert rows.weights[rows.targets > 0].mean() == pytest.approx(1.0)
+    cfg = load_config(TINY, ["model.dropout=0.0", "model.max_len=5"])
+    if not all_positions:
+        cfg.model.name = "caser"
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 40).eval()
+    kw = dict(kind="ce", num_negatives=1, generator=None)
+    t = torch.from_numpy
+    weighted = rows_loss(model, t(rows.inputs), t(rows.targets), weights=t(rows.weights), **kw)
+    per_user = []  # each user with windows, alone: its mean loss
+    for u, n in enumerate(lengths):
+        if n - 3 > 0:
+            one = training_rows(seqs.select(np.arange(5) == u), max_len=5,
+                                all_positions=all_positions)  # fmt: skip
+            per_user.append(float(rows_loss(model, t(one.inputs), t(one.targets), **kw).detach()))
+    assert float(weighted) == pytest.approx(np.mean(per_user), rel=1e-5)
+    # 22 windows of the longest user share what the one window of the 4-item user has
+    assert rows.weights.max() == pytest.approx(22 * rows.weights[rows.weights > 0].min())
+
+
+def test_user_balance_is_for_joint_training():
+    with pytest.raises(ConfigError, match="TP already draws users uniformly"):
+        load_config(TINY, ["train.method=tp", "train.balance=user"])
+    with pytest.raises(ConfigError, match="train.balance must be window or user"):
+        load_config(TINY, ["train.balance=items"])
 
 
 def test_eval_queries_use_the_items_before_the_target():

@@ -143,8 +143,10 @@ class Recommender(nn.Module):
         kind: str,
         num_negatives: int = 1,
         generator: torch.Generator | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
-        """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``.
+        """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``
+        (``reduction="none"``: the ``[M]`` losses).
 
         ``ce``: softmax cross-entropy over the real items ``1..N`` (padding column left
         out, so it never takes probability mass). ``bce``: sigmoid loss of the positive
@@ -156,14 +158,14 @@ class Recommender(nn.Module):
             logits = emb @ weight[1:].t()  # [M, N]
             if bias is not None:
                 logits = logits + bias[1:]  # [M, N]
-            return F.cross_entropy(logits, pos - 1)
+            return F.cross_entropy(logits, pos - 1, reduction=reduction)
         if kind == "bce":
             neg = sample_negatives(pos, num_negatives, self.num_items, generator)  # [M, K]
             items = torch.cat([pos.unsqueeze(1), neg], dim=1)  # [M, 1+K]
             scores = self.score_items(emb, items)  # [M, 1+K]
             # -log σ(s) = softplus(-s); -log(1 - σ(s)) = softplus(s): stable forms.
             per_pos = F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(1)  # [M]
-            return per_pos.mean()
+            return per_pos if reduction == "none" else per_pos.mean()
         raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
 
 
