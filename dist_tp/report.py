@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_tp.config import ConfigError
-from dist_tp.tracking import KIND_TAG, metric_key, resolve_uri
+from dist_tp.tracking import KIND_TAG, metric_key, open_client, resolve_uri
 
 DISPLAY = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser", "pop": "Pop"}
 BACKBONE_ORDER = ["gru4rec", "caser", "sasrec", "pop"]
@@ -72,10 +72,8 @@ class Row:
 
 def load_runs(experiment: str, uri: str = "") -> list[RunRecord]:
     """Finished training runs of an MLflow experiment."""
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"

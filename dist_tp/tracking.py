@@ -24,6 +24,7 @@ Metric names (MLflow forbids ``@``; ``HR@10`` is written ``HR_10``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 from dist_tp.checkpoint import write_json
 from dist_tp.config import ConfigError, flatten, to_dict
@@ -172,39 +178,63 @@ class Spool:
         write_json(self.state_path, state)
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a local sqlite store, an exclusive lock on ``<db>.lock`` beside it: the first
+    use of a fresh store creates its tables, and two processes doing that at once leave it
+    broken. Other stores need no lock."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///") :] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(client, name: str) -> str:
-    """The id of experiment ``name``, created if missing. Another process may create it (or
-    the store's tables) at the same moment: a failed create is followed by a second lookup."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:
+    """The id of experiment ``name``, created if missing, under the store's lock (a fresh
+    sqlite store's tables are made on first use). Another process may still create the
+    experiment at the same moment on a server: a failed create is followed by a lookup."""
+    with _store_lock(getattr(client, "tracking_uri", "")):
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except Exception:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` for ``uri``; a fresh sqlite store gets its tables here, under the
+    store's lock."""
+    _quiet_http()
+    from mlflow.tracking import MlflowClient
+
+    with _store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
 
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the tracking store and ``experiment`` once, before parallel runs start, so that
     they do not race to create a fresh sqlite store's tables. Returns the experiment id."""
-    _quiet_http()
-    from mlflow.tracking import MlflowClient
-
-    return ensure_experiment(MlflowClient(tracking_uri=uri), experiment)
+    return ensure_experiment(open_client(uri), experiment)
 
 
 class Delivery:
     """Sends spool events to one MLflow tracking URI; the run id lives in the spool state."""
 
     def __init__(self, spool: Spool, uri: str) -> None:
-        _quiet_http()
-        from mlflow.tracking import MlflowClient
-
         self.spool, self.uri = spool, uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
 
     def send(self, events: list[dict], state: dict) -> int:
         """Deliver ``events`` in order, updating ``state`` (saved after each event batch).
@@ -376,10 +406,7 @@ def make_tracker(
 
 def log_figures(experiment: str, paths: list[Path], uri: str = "") -> str:
     """Log figures as artifacts of the experiment's ``plots`` run (made once, then reused)."""
-    _quiet_http()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    client = open_client(resolve_uri(uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment {experiment!r}")

@@ -83,6 +83,32 @@ def test_sweep_creates_the_store_and_experiment_before_its_runs(tmp_path):
     assert not run.folder.exists()  # nothing ran
 
 
+def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    """Four processes make the same fresh store and experiment at the same moment (a sweep's
+    children, or runs started by hand): the store's lock lets one create the tables."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    go = tmp_path / "go"
+    code = (
+        "import pathlib, sys, time\n"
+        "from dist_tp.tracking import prepare_store\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        f"print(prepare_store({uri!r}, 'race'))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    time.sleep(4)  # every process has imported mlflow and waits
+    go.touch()
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    assert len(set(outs)) == 1  # one experiment, the same id everywhere
+
+
 def test_a_lost_create_race_reuses_the_other_process_experiment():
     from dist_tp.tracking import ensure_experiment
 
