@@ -67,32 +67,24 @@ def training_rows(
     ``balance="user"`` adds weights: user u's n_u windows each weigh W / (U · n_u) (W windows
     and U users in ``seqs``), so every user carries the same total weight and the weights
     average 1: the mean weighted loss is the mean over users of each user's mean loss."""
-    rows = _training_rows(seqs, max_len=max_len, all_positions=all_positions, holdout=holdout)
+    rows, owner = _training_rows(
+        seqs, max_len=max_len, all_positions=all_positions, holdout=holdout
+    )
     if balance == "window":
         return rows
     if balance != "user":
         raise ValueError(f"balance must be 'window' or 'user', got {balance!r}")
-    n_targets = np.maximum(np.maximum(seqs.lengths - holdout, 0) - 1, 0)  # [U] windows
-    users = int((n_targets > 0).sum())
-    per_user = np.where(
-        n_targets > 0, n_targets.sum() / (max(users, 1) * np.maximum(n_targets, 1)), 0
-    )
-    owner = _row_owner(n_targets, max_len, all_positions)  # [R] user of each row
+    n_windows = np.bincount(owner, weights=rows.windows, minlength=len(seqs))  # [U]
+    users = int((n_windows > 0).sum())
+    per_user = n_windows.sum() / (max(users, 1) * np.maximum(n_windows, 1))  # [U]
     weights = np.where(rows.targets > 0, per_user[owner][:, None], 0.0).astype(np.float32)
     return Rows(rows.inputs, rows.targets, weights)
 
 
-def _row_owner(n_targets: np.ndarray, max_len: int, all_positions: bool) -> np.ndarray:
-    """The user of each row of ``_training_rows``, in its order."""
-    users = np.arange(len(n_targets))
-    if not all_positions:
-        return np.repeat(users, n_targets)
-    first = users[n_targets > 0]  # one first row per user with a target
-    later = np.repeat(users, np.maximum(n_targets - max_len, 0))
-    return np.concatenate([first, later])
-
-
-def _training_rows(seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int) -> Rows:
+def _training_rows(
+    seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int
+) -> tuple[Rows, np.ndarray]:
+    """The rows, and the user (index into ``seqs``) of each row."""
     flat = np.concatenate([seqs.items.astype(np.int64), [0]])
     starts = seqs.offsets[:-1]
     n_train = np.maximum(seqs.lengths - holdout, 0)  # [U] training items per user
@@ -105,7 +97,7 @@ def _training_rows(seqs: UserSequences, *, max_len: int, all_positions: bool, ho
         inputs = windows(flat, target_pos, starts[user_of], max_len)
         targets = np.zeros_like(inputs)
         targets[:, -1] = flat[target_pos]
-        return Rows(inputs, targets)
+        return Rows(inputs, targets), user_of
     # first row per user: inputs s_1..s_m, targets s_2..s_{m+1}, m = min(L, n_train - 1)
     m = np.minimum(n_targets, max_len)
     has = m > 0
@@ -116,7 +108,8 @@ def _training_rows(seqs: UserSequences, *, max_len: int, all_positions: bool, ho
     tail_in = windows(flat, target_pos[later], starts[user_of][later], max_len)
     tail_tg = np.zeros_like(tail_in)
     tail_tg[:, -1] = flat[target_pos[later]]
-    return Rows(np.concatenate([head_in, tail_in]), np.concatenate([head_tg, tail_tg]))
+    rows = Rows(np.concatenate([head_in, tail_in]), np.concatenate([head_tg, tail_tg]))
+    return rows, np.concatenate([np.flatnonzero(has), user_of[later]])
 
 
 @dataclass

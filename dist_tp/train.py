@@ -105,14 +105,14 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    if comm.is_main and resolve_device(cfg.train.device).type == "cpu":
+    device = resolve_device(cfg.train.device)
+    if comm.is_main and device.type == "cpu":
         warn_if_oversubscribed()
     set_seed(cfg.train.seed)
     prepared = open_prepared(cfg.data.path)
     if comm.is_main:
         write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         start_run(tracker, cfg, out, prepared.meta, world_size=comm.world_size)
-    device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = build(cfg, prepared.num_items, cfg.data.path).to(device)
@@ -266,7 +266,7 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict,
     """Recompute a run's metrics from its checkpoint: (metrics, run folder). ``overrides``
     change ``eval.*`` keys only (e.g. ``eval.exclude_history=false``). A TP run's
     discriminator figures are recomputed too."""
-    model, cfg = load_run(path)
+    model, cfg, state = _load_run(path)
     if overrides:
         bad = [o for o in overrides if not o.startswith("eval.")]
         if bad:
@@ -279,7 +279,6 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict,
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     metrics = _final_metrics(model, cfg)
-    state = load_checkpoint(_checkpoint_file(path))
     if "disc" in state:
         from dist_tp.tp.discriminator import Discriminator
 
@@ -293,13 +292,16 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict,
     return metrics, folder
 
 
-def _checkpoint_file(path: Path) -> Path:
-    return path / "checkpoint.pt" if path.is_dir() else path
-
-
 def load_run(path: str | Path):
     """(model on the CPU, config) from a run folder or a checkpoint file."""
-    ckpt_path = _checkpoint_file(Path(path))
+    model, cfg, _ = _load_run(path)
+    return model, cfg
+
+
+def _load_run(path: str | Path):
+    """(model on the CPU, config, the checkpoint's whole state)."""
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
     state = load_checkpoint(ckpt_path)
     cfg = from_dict(Config, state["config"])
     prepared = open_prepared(cfg.data.path)
@@ -314,4 +316,4 @@ def load_run(path: str | Path):
                 f"(written by another version of dist_tp?): {first}"
             ) from None
     model.eval()
-    return model, cfg
+    return model, cfg, state
