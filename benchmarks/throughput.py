@@ -35,8 +35,10 @@ from dist_tp.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIST_TP_SHARED_DATA", REPO.parent / "shared" / "data"))
-DATASETS = {
+DATASETS = {  # the shared copies of the raw files (../shared/data) and their formats
+    "ml-100k": ("ml-100k/u.data.gz", "ml-100k"),
     "amazon-music": ("amazon-music/Music.txt.gz", "seq-txt"),
+    "amazon-games": ("amazon-games/Video.txt.gz", "seq-txt"),
     "ml-1m": ("ml-1m/partial/ratings.dat.gz", "ml-1m"),
 }
 RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
@@ -125,13 +127,16 @@ def main() -> None:
     parser.add_argument(
         "--padded", action="store_true", help="also time TP without lane buckets (same run)"
     )
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--datasets", default="amazon-music,ml-1m", help=", ".join(DATASETS))
     parser.add_argument("--losses", default="ce,bce")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--bf16", action="store_true", help="also joint training under bf16 autocast (a GPU's)"
     )
     args = parser.parse_args()
+    unknown = sorted(set(args.datasets.split(",")) - set(DATASETS))
+    if unknown:
+        parser.error(f"--datasets: unknown {', '.join(unknown)} (known: {', '.join(DATASETS)})")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

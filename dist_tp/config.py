@@ -189,6 +189,11 @@ class TPConfig:
     """K, windows per user per inner step (sampled with replacement when the user has fewer)."""
     users_per_step: int = 1
     """Users per inner step (each contributes ``inner_batch`` windows); 1 = the paper."""
+    user_sampling: str = "uniform"
+    """How an inner step picks its user: ``uniform`` (the paper: every user equally often,
+    so tail users weigh as much as head users) or ``windows`` (in proportion to the user's
+    training windows, the weight joint training gives them). ``windows`` keeps TP's
+    inner/outer updates and drops its re-weighting of users: an ablation."""
     lanes: int = 16
     """M independent inner loops from the same Θ, their pseudo-gradients averaged."""
     lambda_adv: float = 0.1
@@ -216,6 +221,10 @@ class TPConfig:
         _check_at_least("tp", 1, **{f"disc_hidden[{i}]": h for i, h in enumerate(self.disc_hidden)})
         if self.compress not in ("none", "bf16", "fp16"):
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
+        if self.user_sampling not in ("uniform", "windows"):
+            raise ConfigError(
+                f"tp.user_sampling must be 'uniform' or 'windows', got {self.user_sampling!r}"
+            )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_tp.config import load_config
+from dist_tp.config import ConfigError, load_config
 from dist_tp.data.stream import UserSequences
 from dist_tp.models import build_model
 from dist_tp.tp.discriminator import Discriminator, auc, grad_reverse
@@ -308,6 +308,45 @@ def test_lambda_zero_leaves_the_encoder_as_without_discriminator():
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
+
+
+def _user_frequencies(sampler, draws: int, **kwargs) -> np.ndarray:
+    batch = sampler.sample(
+        [np.random.default_rng(3)], k=draws, users_per_step=1, inner_batch=1, **kwargs
+    )
+    return np.bincount(batch.users.ravel(), minlength=len(sampler)) / draws
+
+
+def test_users_are_picked_uniformly_or_in_proportion_to_their_windows():
+    sampler = _sampler()
+    n = sampler.n_windows.astype(float)
+    uniform, by_windows = np.full(len(n), 1 / len(n)), n / n.sum()
+    assert np.abs(by_windows - uniform).max() > 0.04  # the two laws are told apart
+    draws = 40_000  # σ of a frequency <= .0025
+    assert np.abs(_user_frequencies(sampler, draws) - uniform).max() < 0.012
+    assert np.abs(_user_frequencies(sampler, draws, by_windows=True) - by_windows).max() < 0.012
+    # a lane pinned to a pool draws from the pool alone, in proportion within it
+    pool = np.array([1, 4, 7])
+    freq = _user_frequencies(sampler, draws, by_windows=True, lane_users=[pool])
+    assert freq[np.setdiff1d(np.arange(len(n)), pool)].sum() == 0
+    assert np.abs(freq[pool] - n[pool] / n[pool].sum()).max() < 0.012
+
+
+def test_the_trainer_picks_users_as_configured(monkeypatch):
+    seen = []
+    sample = TaskSampler.sample
+    monkeypatch.setattr(
+        TaskSampler,
+        "sample",
+        lambda self, *a, **kw: seen.append(kw["by_windows"]) or sample(self, *a, **kw),
+    )
+    for choice in ("uniform", "windows"):
+        cfg = _config(lanes=2, user_sampling=choice)
+        model, _ = _setup(cfg)
+        TPStepper(model, cfg, sampler=_sampler()).outer_step(0, 0)
+    assert seen == [False, True]
+    with pytest.raises(ConfigError, match="tp.user_sampling must be 'uniform' or 'windows'"):
+        _config(user_sampling="head")
 
 
 def test_auc():

@@ -1,6 +1,6 @@
-"""Sampling inner-step mini-batches: each step picks users uniformly at random and K of the
-user's (window → next item) examples — without replacement, or with replacement when the
-user has fewer than K."""
+"""Sampling inner-step mini-batches: each step picks users at random (uniformly, the paper's
+choice, or in proportion to their training windows) and K of the user's (window → next item)
+examples — without replacement, or with replacement when the user has fewer than K."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class TaskSampler:
         self.flat = np.concatenate([self.seqs.items.astype(np.int64), [0]])
         self.starts = self.seqs.offsets[:-1]
         self.max_len, self.holdout = max_len, holdout
+        self._cum_windows: np.ndarray | None = None  # for picking users by windows, built once
 
     def __len__(self) -> int:
         return len(self.n_windows)
@@ -90,9 +91,11 @@ class TaskSampler:
         num_items: int = 0,
         all_positions: bool = False,
         lane_users: list[np.ndarray] | None = None,
+        by_windows: bool = False,
     ) -> LaneBatch:
         """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
-        users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes."""
+        users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes.
+        Users are picked uniformly, or with ``by_windows`` in proportion to their windows."""
         lanes = len(rngs)
         per_lane = k * users_per_step
         users = np.empty(lanes * per_lane, dtype=np.int64)  # [U] lane-major
@@ -100,8 +103,7 @@ class TaskSampler:
         draws = np.zeros((lanes * per_lane, inner_batch, num_negatives), dtype=np.int64)
         for m, rng in enumerate(rngs):
             pool = None if lane_users is None else lane_users[m]
-            chosen = rng.integers(0, len(self) if pool is None else len(pool), per_lane)
-            chosen = chosen if pool is None else pool[chosen]  # uniform over the lane's users
+            chosen = self._pick_users(rng, per_lane, pool, by_windows)
             lo = m * per_lane
             users[lo : lo + per_lane] = chosen
             for j, u in enumerate(chosen):
@@ -138,6 +140,25 @@ class TaskSampler:
             labels=labels.reshape(shape),
             users=users.reshape(lanes, k, users_per_step),
         )
+
+    def _pick_users(
+        self, rng: np.random.Generator, count: int, pool: np.ndarray | None, by_windows: bool
+    ) -> np.ndarray:
+        """``count`` users (rows) of ``pool`` (default: every user), drawn with replacement:
+        uniformly, or with probability n_u / sum(n) for ``by_windows``."""
+        if not by_windows:
+            picked = rng.integers(0, len(self) if pool is None else len(pool), count)
+            return picked if pool is None else pool[picked]
+        if pool is None:
+            if self._cum_windows is None:
+                self._cum_windows = np.cumsum(self.n_windows)
+            cum = self._cum_windows
+        else:
+            cum = np.cumsum(self.n_windows[pool])
+        # user i owns [cum[i-1], cum[i]) of [0, total): its share is n_i / total
+        picked = np.searchsorted(cum, rng.random(count) * cum[-1], side="right")
+        picked = np.minimum(picked, len(cum) - 1)  # r · total can round up to total
+        return picked if pool is None else pool[picked]
 
     def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
         return windows(self.flat, ends, starts, self.max_len)

@@ -133,6 +133,7 @@ class TPStepper:
             num_items=self.model.num_items,
             all_positions=self.model.supports_all_positions,
             lane_users=self.lane_users,
+            by_windows=tp.user_sampling == "windows",
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
