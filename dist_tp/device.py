@@ -51,6 +51,13 @@ def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
     return tensor.to(device)
 
 
+def mps_running() -> bool:
+    """Whether NVIDIA's MPS control daemon has its pipe in the directory that CUDA clients
+    look in (``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``)."""
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipes, "control"))
+
+
 def cpu_cores() -> int:
     """The cores this process may run on."""
     try:

@@ -100,6 +100,25 @@ def _prepare_tracking(config: str, run: SweepRun) -> None:
         log.warning("MLflow at %s not prepared (%s); each run spools its events", uri, exc)
 
 
+def gpu_sharing_hint(config: str, run: SweepRun, parallel: int) -> str | None:
+    """Advice when ``parallel`` runs would share a GPU without MPS. Without it they take turns
+    on the GPU (17 ML-1M runs on one H200: ~90 s per SASRec epoch each); with it their kernels
+    run at once (14 runs: ~15 s, against 12 s alone)."""
+    import torch
+
+    from dist_tp.device import mps_running
+
+    if parallel < 2 or mps_running():
+        return None
+    device = load_config(config, run.overrides).train.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return None
+    return (
+        f"{parallel} runs will share the GPU by taking turns; start NVIDIA's MPS daemon "
+        "(nvidia-cuda-mps-control -d) before the sweep so that their kernels run at once"
+    )
+
+
 def execute(config: str, runs: list[SweepRun], parallel: int = 1) -> dict[str, str]:
     """Run what is not finished, ``parallel`` at a time: run name → finished/skipped/failed."""
     from dist_tp.tracking import Spool, sync
@@ -120,6 +139,9 @@ def execute(config: str, runs: list[SweepRun], parallel: int = 1) -> dict[str, s
             todo.append(run)
     if todo:
         _prepare_tracking(config, todo[0])
+        hint = gpu_sharing_hint(config, todo[0], parallel)
+        if hint:
+            log.warning(hint)
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
 
     def one(run: SweepRun) -> tuple[str, str]:

@@ -83,6 +83,26 @@ def test_sweep_creates_the_store_and_experiment_before_its_runs(tmp_path):
     assert not run.folder.exists()  # nothing ran
 
 
+def test_parallel_gpu_runs_without_mps_get_the_advice(tmp_path, monkeypatch):
+    import torch
+
+    from dist_tp.sweep import gpu_sharing_hint
+
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (gpu,) = plan(str(TINY), [], 1, out=tmp_path, experiment="x", overrides=["train.device=cuda"])
+    (auto,) = plan(str(TINY), [], 1, out=tmp_path, experiment="x")
+    (cpu,) = plan(str(TINY), [], 1, out=tmp_path, experiment="x", overrides=["train.device=cpu"])
+    assert "nvidia-cuda-mps-control -d" in gpu_sharing_hint(str(TINY), gpu, 4)
+    assert gpu_sharing_hint(str(TINY), auto, 4) is not None  # auto picks the GPU here
+    assert gpu_sharing_hint(str(TINY), gpu, 1) is None  # one run at a time shares nothing
+    assert gpu_sharing_hint(str(TINY), cpu, 4) is None
+    (pipes / "control").touch()  # the daemon's pipe: MPS is on
+    assert gpu_sharing_hint(str(TINY), gpu, 4) is None
+
+
 def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     """Four processes make the same fresh store and experiment at the same moment (a sweep's
     children, or runs started by hand): the store's lock lets one create the tables."""
