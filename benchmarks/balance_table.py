@@ -1,6 +1,8 @@
-"""SASRec joint vs joint with ``train.balance=user`` vs SASRec-TP: test HR@10 by user group,
-mean ± std over seeds, change against joint and the paired t-test's p (RESULTS.md, "The
-re-weighting alone"). Reads the run folders of ``benchmarks/grid.py run`` under ``results/``.
+"""SASRec joint, joint with ``train.balance=user``, SASRec-TP and SASRec-TP with
+``tp.user_sampling=windows``: test HR@10 by user group, mean ± std over seeds, change against
+joint and the paired t-test's p (RESULTS.md, "The re-weighting alone" and "TP without its
+re-weighting"). Reads the run folders of ``benchmarks/grid.py run`` under ``results/``; a row
+with no finished run is left out.
 
     .venv/bin/python benchmarks/balance_table.py
 """
@@ -16,11 +18,13 @@ ROWS = {
         "joint": "results/joint/ml-100k/sasrec-ce",
         "balance=user": "results/balance/ml-100k/sasrec-ce",
         "TP": "results/tp-more/ml-100k/sasrec-tp-ce",
+        "TP, users by windows": "results/tp-windows/ml-100k/sasrec-tp-ce",
     },
     "ml-1m": {
         "joint": "results/joint/ml-1m/sasrec-ce",
         "balance=user": "results/balance/ml-1m/sasrec-ce",
         "TP": "results/joint/ml-1m/sasrec-tp-ce",
+        "TP, users by windows": "results/tp-windows/ml-1m/sasrec-tp-ce",
     },
 }
 COLS = [
