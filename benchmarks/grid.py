@@ -5,6 +5,7 @@
         --seeds 0,1,2 --epochs amazon-music=30,ml-1m=8 --threads 1
     .venv/bin/python benchmarks/grid.py summary results/joint
     .venv/bin/python benchmarks/grid.py pairs results/joint results/tp-more
+    .venv/bin/python benchmarks/grid.py finish results/joint   # after a deadline or a kill
 
 ``pairs`` sets each ``<backbone>-tp-<loss>`` beside its ``<backbone>-<loss>`` (found under any
 of the roots, first root first) over the seeds both have: mean ± std, the relative change and
@@ -31,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from dist_tp.checkpoint import write_json
+from dist_tp.checkpoint import write_json, write_text
 from dist_tp.config import load_config
+from dist_tp.device import resolve_device
 from dist_tp.evaluate import evaluate
 from dist_tp.tracking import make_tracker
-from dist_tp.train import load_run, run_training
+from dist_tp.train import evaluate_run, load_run, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,18 +79,47 @@ def run(args: argparse.Namespace) -> None:
                     )
                     t0 = time.perf_counter()
                     run_training(cfg, folder, resume=resume, tracker=tracker)
-                    model, cfg = load_run(folder)
-                    nohist = evaluate(
-                        model,
-                        cfg.data.path,
-                        max_len=cfg.model.max_len,
-                        ks=cfg.eval.ks,
-                        exclude_history=False,
-                        splits=("test",),
-                    )["test"]
-                    nohist["seconds"] = time.perf_counter() - t0
-                    write_json(folder / "metrics_nohist.json", nohist)
-                    print(f"done {folder} in {nohist['seconds']:.0f}s", flush=True)
+                    seconds = _write_nohist(folder, t0)
+                    print(f"done {folder} in {seconds:.0f}s", flush=True)
+
+
+def _write_nohist(folder: Path, t0: float) -> float:
+    """Evaluate the run's best checkpoint without the history mask (``metrics_nohist.json``,
+    which marks the run finished); returns the seconds since ``t0``."""
+    model, cfg = load_run(folder)
+    model.to(resolve_device("auto"))
+    nohist = evaluate(
+        model,
+        cfg.data.path,
+        max_len=cfg.model.max_len,
+        ks=cfg.eval.ks,
+        exclude_history=False,
+        splits=("test",),
+    )["test"]
+    nohist["seconds"] = time.perf_counter() - t0
+    write_json(folder / "metrics_nohist.json", nohist)
+    return nohist["seconds"]
+
+
+def finish(args: argparse.Namespace) -> None:
+    """Runs stopped from outside (a deadline, a kill): evaluate each from its best checkpoint,
+    as a finished run is, and mark it ``STOPPED``. A finished run is left alone. To train a
+    stopped run further, delete its ``metrics*.json`` and ``STOPPED``, then ``run`` again."""
+    for ckpt in sorted(Path(args.root).glob("*/*/seed*/checkpoint.pt")):
+        folder = ckpt.parent
+        if (folder / "metrics_nohist.json").is_file():
+            continue
+        t0 = time.perf_counter()
+        if not (folder / "metrics.json").is_file():
+            metrics, _ = evaluate_run(folder)
+            write_json(folder / "metrics.json", metrics)
+            epochs = len(json.loads((folder / "history.json").read_text()))
+            write_text(
+                folder / "STOPPED",
+                f"stopped from outside after {epochs} epochs; best checkpoint evaluated\n",
+            )
+        _write_nohist(folder, t0)
+        print(f"finished {folder}", flush=True)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -213,6 +244,9 @@ def main() -> None:
         "--experiment", default="", help="track every run in this MLflow experiment (track.*)"
     )
     p.set_defaults(func=run)
+    p = sub.add_parser("finish", help="evaluate runs stopped from outside (best checkpoint)")
+    p.add_argument("root")
+    p.set_defaults(func=finish)
     p = sub.add_parser("summary")
     p.add_argument("root")
     p.set_defaults(func=summary)
