@@ -9,22 +9,23 @@ with no finished run is left out.
 
 import json
 import statistics as st
-from pathlib import Path
+
+from grid import _runs  # benchmarks/ is on the path when this script runs
 
 from dist_tp.report import change
 
-ROWS = {
+ROWS = {  # data → label → (root, variant) of benchmarks/grid.py's layout
     "ml-100k": {
-        "joint": "results/joint/ml-100k/sasrec-ce",
-        "balance=user": "results/balance/ml-100k/sasrec-ce",
-        "TP": "results/tp-more/ml-100k/sasrec-tp-ce",
-        "TP, users by windows": "results/tp-windows/ml-100k/sasrec-tp-ce",
+        "joint": ("results/joint", "sasrec-ce"),
+        "balance=user": ("results/balance", "sasrec-ce"),
+        "TP": ("results/tp-more", "sasrec-tp-ce"),
+        "TP, users by windows": ("results/tp-windows", "sasrec-tp-ce"),
     },
     "ml-1m": {
-        "joint": "results/joint/ml-1m/sasrec-ce",
-        "balance=user": "results/balance/ml-1m/sasrec-ce",
-        "TP": "results/joint/ml-1m/sasrec-tp-ce",
-        "TP, users by windows": "results/tp-windows/ml-1m/sasrec-tp-ce",
+        "joint": ("results/joint", "sasrec-ce"),
+        "balance=user": ("results/balance", "sasrec-ce"),
+        "TP": ("results/joint", "sasrec-tp-ce"),
+        "TP, users by windows": ("results/tp-windows", "sasrec-tp-ce"),
     },
 }
 COLS = [
@@ -37,12 +38,10 @@ COLS = [
 ]
 
 
-def figures(root):
-    out = {}
-    for m in sorted(Path(root).glob("seed*/metrics_nohist.json")):
-        metrics = json.loads((m.parent / "metrics.json").read_text())
-        out[int(m.parent.name[4:])] = metrics
-    return out
+def figures(data: str, root: str, variant: str) -> dict[int, dict]:
+    """seed → test metrics of each finished run."""
+    runs = _runs([root], data, variant)
+    return {s: json.loads((f / "metrics.json").read_text()) for s, f in runs.items()}
 
 
 def ms(values):
@@ -52,9 +51,9 @@ def ms(values):
 print("| data | model | seeds | " + " | ".join(f"{r} {g} HR@10" for r, g in COLS) + " |")
 print("| --- " * (3 + len(COLS)) + "|")
 for data, rows in ROWS.items():
-    base = figures(rows["joint"])
-    for label, root in rows.items():
-        runs = figures(root)
+    base = figures(data, *rows["joint"])
+    for label, (root, variant) in rows.items():
+        runs = figures(data, root, variant)
         if not runs:
             continue
         cells = []

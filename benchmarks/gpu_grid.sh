@@ -8,7 +8,7 @@
 # ${LOGS:-gpu_grid_logs}/<line>.log. SECONDS (optional): stop every process then and evaluate
 # each unfinished run from its best checkpoint (`grid.py finish` on every --out of JOBS); a
 # stopped run goes on from its last.pt once its metrics*.json and STOPPED are deleted.
-# MPS lets the processes' kernels run at once instead of taking turns (README, "On a GPU").
+# MPS lets the processes' kernels run at once instead of taking turns (README, "CPU or GPU").
 set -u
 JOBS=${1:?usage: gpu_grid.sh JOBS [SECONDS]}
 SECONDS_LEFT=${2:-0}
@@ -43,5 +43,6 @@ while read -r line; do
 done < "$JOBS"
 echo "$n processes started"
 wait
-for root in $(printf '%s\n' "${roots[@]}" | sort -u); do $PY "$HERE/grid.py" finish "$root"; done
-for root in $(printf '%s\n' "${roots[@]}" | sort -u); do $PY "$HERE/grid.py" summary "$root"; done
+for root in $(printf '%s\n' "${roots[@]}" | sort -u); do
+  $PY "$HERE/grid.py" finish "$root" && $PY "$HERE/grid.py" summary "$root"
+done

@@ -110,8 +110,7 @@ def gpu_sharing_hint(config: str, run: SweepRun, parallel: int) -> str | None:
 
     if parallel < 2 or mps_running():
         return None
-    device = load_config(config, run.overrides).train.device
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if load_config(config, run.overrides).train.device == "cpu" or not torch.cuda.is_available():
         return None
     return (
         f"{parallel} runs will share the GPU by taking turns; start NVIDIA's MPS daemon "

@@ -52,7 +52,7 @@ class TaskSampler:
         self.flat = np.concatenate([self.seqs.items.astype(np.int64), [0]])
         self.starts = self.seqs.offsets[:-1]
         self.max_len, self.holdout = max_len, holdout
-        self._cum_windows: np.ndarray | None = None  # for picking users by windows, built once
+        self.cum_windows = np.cumsum(self.n_windows)  # [U] for picking users by windows
 
     def __len__(self) -> int:
         return len(self.n_windows)
@@ -149,12 +149,7 @@ class TaskSampler:
         if not by_windows:
             picked = rng.integers(0, len(self) if pool is None else len(pool), count)
             return picked if pool is None else pool[picked]
-        if pool is None:
-            if self._cum_windows is None:
-                self._cum_windows = np.cumsum(self.n_windows)
-            cum = self._cum_windows
-        else:
-            cum = np.cumsum(self.n_windows[pool])
+        cum = self.cum_windows if pool is None else np.cumsum(self.n_windows[pool])
         # user i owns [cum[i-1], cum[i]) of [0, total): its share is n_i / total
         picked = np.searchsorted(cum, rng.random(count) * cum[-1], side="right")
         picked = np.minimum(picked, len(cum) - 1)  # r · total can round up to total
