@@ -96,7 +96,8 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
     checkpoint_every: int = 0
-    """TP: also write ``last.pt`` every this many outer steps (0: at epoch ends only)."""
+    """Also write ``last.pt`` every this many steps (TP: outer steps; joint: mini-batches),
+    from which ``--resume`` continues mid-epoch exactly; 0: at epoch ends only."""
     progress: bool = True
     device: str = "auto"
     """``auto`` (this rank's GPU when CUDA is present, else the CPU), ``cpu``, ``cuda`` or

@@ -23,6 +23,7 @@ from dist_tp.examples import Rows, training_rows
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+NO_SUMS = {"total": 0.0, "count": 0, "seconds": 0.0}  # an epoch's loss sums before its first step
 
 
 def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[Rows]:
@@ -140,8 +141,9 @@ class JointStepper:
                 model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
             )
         self.device = module_device(model)  # where DeepSpeed put it, if it did
-        # negative sampling, seeded per (epoch, rank)
-        self.gen = torch.Generator(device=self.device)
+        self.gen = torch.Generator(device=self.device)  # negative sampling, seeded per step
+        self._partial: dict | None = None  # the running epoch's loss sums, for a checkpoint
+        self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
         self.stream = UserStream(
             cfg.data.path,
             rank=self.comm.rank,
@@ -186,21 +188,34 @@ class JointStepper:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
 
+    def _seed_step(self, epoch: int, step: int) -> None:
+        """Dropout's and the negatives' random streams of step ``step`` depend only on (seed,
+        epoch, step, rank), so a run resumed mid-epoch continues as an uninterrupted one."""
+        seq = np.random.SeedSequence([self.cfg.train.seed, epoch, step, self.comm.rank])
+        dropout, negatives = seq.generate_state(2)
+        torch.manual_seed(int(dropout))
+        self.gen.manual_seed(int(negatives))
+
     def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
-        """One epoch; checkpoints are taken at epoch ends only (``start_step`` must be 0)."""
-        if start_step != 0:
-            raise ValueError("joint training resumes at epoch boundaries only")
+        """Steps ``start_step..`` of the epoch; ``on_step(step)`` after each one.
+
+        A resumed epoch re-reads its mini-batches from the start and skips the first
+        ``start_step`` (they are a function of seed, epoch and rank), and adds the loss sums
+        that the checkpoint carried over (``load_state_dict``) to its own.
+        """
         cfg, comm = self.cfg, self.comm
         world = comm.world_size
         self.model.train()
-        seed = np.random.SeedSequence([cfg.train.seed, epoch, comm.rank]).generate_state(1)[0]
-        self.gen.manual_seed(int(seed))
+        carried = self._carried if start_step and self._carried else dict(NO_SUMS)
+        self._carried = None
         # the loss sum stays on the device: reading it each step would stall a GPU
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count, steps, started = 0, 0, time.perf_counter()
+        total = torch.full((), carried["total"], dtype=torch.float64, device=self.device)
+        count, step, started = carried["count"], start_step, time.perf_counter()
         show = cfg.train.progress and comm.is_main
         bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not show, leave=False)
         mbs = self.epoch_batches(epoch)
+        for _ in range(start_step):  # done before the checkpoint
+            next(mbs, None)
         while True:
             mb = next(mbs, None)
             n = 0 if mb is None else int(mb.windows.sum())
@@ -217,23 +232,32 @@ class JointStepper:
                 )
             elif mb is None:
                 break
+            self._seed_step(epoch, step)
             inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
             weights = None if mb.weights is None else to_device(mb.weights, self.device)
             with self._autocast():
                 loss = self.net(inputs, targets, generator=self.gen, weights=weights)
             self._update(loss * weight)
-            steps += 1
             if n:
                 total, count = total + loss.detach().double() * n, count + n
                 bar.update(n)
-                if show and steps % PROGRESS_EVERY == 1:
-                    rate = count / max(time.perf_counter() - started, 1e-9)
+                if show and step % PROGRESS_EVERY == 0:
+                    rate = (count - carried["count"]) / max(time.perf_counter() - started, 1e-9)
                     mean = float(total) / count
                     bar.set_postfix(loss=f"{mean:.4f}", win_s=f"{rate:,.0f}", refresh=False)
+            self._partial = {
+                "total": total,
+                "count": count,
+                "seconds": carried["seconds"] + time.perf_counter() - started,
+            }
+            if on_step is not None:
+                on_step(step)
+            step += 1
+        self._partial = None
         bar.close()
         total = float(total)  # waits for the device's last step
-        seconds = time.perf_counter() - started
-        if world > 1:  # the epoch's figures over all ranks
+        seconds = carried["seconds"] + time.perf_counter() - started
+        if world > 1:  # the epoch's figures over all ranks (carried sums sit on rank 0 only)
             total, count = comm.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
             total, count = float(total), int(count)
         return {
@@ -241,13 +265,29 @@ class JointStepper:
             "windows": count,
             "windows_per_s": count / seconds,
             "seconds": seconds,
-            "steps": steps,
+            "steps": step,
         }
 
     def state_dict(self) -> dict:
-        if self.engine is not None:
-            return {"engine": self.engine.state_dict()}
-        return {"optimizer": self.opt.state_dict()}
+        """The optimizer's (or engine's) state; mid-epoch (called from ``on_step``, on every
+        rank at once) also the epoch's loss sums so far, summed over ranks."""
+        state = (
+            {"engine": self.engine.state_dict()}
+            if self.engine is not None
+            else {"optimizer": self.opt.state_dict()}
+        )
+        if self._partial is not None:
+            sums = torch.tensor(
+                [float(self._partial["total"]), self._partial["count"]], dtype=torch.float64
+            )
+            if self.comm.world_size > 1:
+                sums = self.comm.all_reduce_sum(sums)
+            state["epoch_sums"] = {
+                "total": float(sums[0]),
+                "count": int(sums[1]),
+                "seconds": self._partial["seconds"],
+            }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.engine is not None:
@@ -258,3 +298,7 @@ class JointStepper:
             raise ConfigError("cannot resume: last.pt was written by a DeepSpeed engine")
         else:
             self.opt.load_state_dict(state["optimizer"])
+        sums = state.get("epoch_sums")
+        if sums is not None and not self.comm.is_main:  # rank 0 carries the ranks' sums
+            sums = {**sums, "total": 0.0, "count": 0}
+        self._carried = sums

@@ -6,7 +6,9 @@ Validation NDCG@10 after each epoch drives early stopping; the best model is kep
 evaluated on the test targets of existing and new users.
 
 Run folder: ``config.yaml`` (resolved), ``checkpoint.pt`` (best model), ``last.pt`` (resume
-point), ``history.json`` (per-epoch figures) and ``metrics.json``.
+point: each epoch's end, and every ``train.checkpoint_every`` steps), ``history.json``
+(per-epoch figures) and ``metrics.json``. Each stepper seeds its random streams per step from
+(seed, epoch, step, rank), so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -141,12 +143,15 @@ def _ckpt(modules: dict, cfg: Config, epoch: int, history: list, **extra) -> dic
     }
 
 
-def _seed_epoch(cfg: Config, epoch: int, rank: int) -> None:
-    """Dropout's random stream of each (epoch, rank) depends only on them, so a run resumed
-    at an epoch boundary continues exactly as an uninterrupted one."""
-    torch.manual_seed(
-        int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
-    )
+def _check_mid_epoch_world(state: dict, path: Path, world_size: int) -> None:
+    """A mid-epoch ``last.pt`` resumes only with the ranks that wrote it: each rank's share of
+    the epoch's users (and so the steps already taken) depends on their number."""
+    written = state.get("world_size", world_size)
+    if written != world_size:
+        raise ConfigError(
+            f"{path}: written in the middle of epoch {state['epoch']} by {written} rank(s); "
+            f"this run has {world_size}. Resume it with {written}, or from an epoch's end."
+        )
 
 
 def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
@@ -163,6 +168,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
         if state.get("epoch_done", True):
             start = state["epoch"] + 1
         else:
+            _check_mid_epoch_world(state, out / "last.pt", comm.world_size)
             start, start_step = state["epoch"], state["next_step"]
         log.info("resumed from %s at epoch %d, step %d", out / "last.pt", start, start_step)
     elif resume:
@@ -177,6 +183,7 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
                 "stepper": stepper_state,
                 "next_step": next_step,
                 "epoch_done": epoch_done,
+                "world_size": comm.world_size,
             }
             save_checkpoint(out / "last.pt", _ckpt(modules, cfg, epoch, history, **extra))
         comm.barrier()  # rank 0's files are complete before anyone reads them
@@ -184,7 +191,6 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
     every, log_every = cfg.train.checkpoint_every, cfg.track.log_every
     window: list = []  # TP inner-loop stats since the last step metrics
     for epoch in range(start, cfg.train.epochs):
-        _seed_epoch(cfg, epoch, comm.rank)
         tracked: dict = {}  # this epoch's validation figures of every group, for MLflow
 
         def on_step(step: int, stats=None, epoch: int = epoch) -> None:

@@ -197,6 +197,52 @@ def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
     assert other["existing"] != a["existing"]
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypatch):
+    """A crash right after the mid-epoch checkpoint of step 10; ``--resume`` skips the
+    epoch's first 10 mini-batches and ends with the parameters, history and metrics of an
+    uninterrupted run (dropout and negatives are seeded per step)."""
+    import dist_tp.train as train_module
+
+    cfg = tiny(prepared, "train.epochs=2", "train.loss=bce", "train.checkpoint_every=5")
+    straight = run_training(cfg, tmp_path / "straight")
+
+    save = train_module.save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        if Path(path).name == "last.pt" and not state["epoch_done"] and state["next_step"] == 10:
+            raise _Crash
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        run_training(cfg, out)
+    monkeypatch.undo()
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["next_step"]) == (0, 10)
+    assert saved["stepper"]["epoch_sums"]["count"] > 0
+    other = tmp_path / "other-world"
+    other.mkdir()
+    torch.save({**saved, "world_size": 2}, other / "last.pt")
+    with pytest.raises(ConfigError, match=r"last.pt: written in the middle of epoch 0 by 2"):
+        run_training(cfg, other, resume=True)
+    resumed = run_training(cfg, out, resume=True)
+
+    assert resumed["existing"] == straight["existing"] and resumed["new"] == straight["new"]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0)
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert (x["windows"], x["steps"]) == (y["windows"], y["steps"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
+        assert x["valid_ndcg10"] == y["valid_ndcg10"]
+
+
 def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(TINY), f"data.path={prepared('ml-100k')}", "train.epochs=1"]
