@@ -59,6 +59,8 @@ TABLES = {
             "amazon-music": {
                 "k = 2, λ = 0.1": _sweep("k2"),
                 "k = 1": _sweep("k1"),
+                "k = 3": _sweep("k3"),
+                "k = 4": _sweep("k4"),
                 "k = 5": _sweep("k5"),
                 "λ = 0": _sweep("lambda_adv0"),
                 "λ = 1": _sweep("lambda_adv1"),
