@@ -20,6 +20,7 @@ from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import UserStream, to_sequences
 from dist_tp.device import module_device, to_device
 from dist_tp.examples import Rows, training_rows
+from dist_tp.seeding import seed_step
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
@@ -188,14 +189,6 @@ class JointStepper:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
 
-    def _seed_step(self, epoch: int, step: int) -> None:
-        """Dropout's and the negatives' random streams of step ``step`` depend only on (seed,
-        epoch, step, rank), so a run resumed mid-epoch continues as an uninterrupted one."""
-        seq = np.random.SeedSequence([self.cfg.train.seed, epoch, step, self.comm.rank])
-        dropout, negatives = seq.generate_state(2)
-        torch.manual_seed(int(dropout))
-        self.gen.manual_seed(int(negatives))
-
     def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
         """Steps ``start_step..`` of the epoch; ``on_step(step)`` after each one.
 
@@ -232,7 +225,8 @@ class JointStepper:
                 )
             elif mb is None:
                 break
-            self._seed_step(epoch, step)
+            (negatives,) = seed_step(cfg.train.seed, epoch, step, comm.rank, extra=1)
+            self.gen.manual_seed(negatives)
             inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
             weights = None if mb.weights is None else to_device(mb.weights, self.device)
             with self._autocast():

@@ -16,6 +16,7 @@ from dist_tp.comm import LocalComm, broadcast_module, check_replicas
 from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import load_sequences
 from dist_tp.device import module_device
+from dist_tp.seeding import seed_step
 from dist_tp.tp.discriminator import Discriminator, auc
 from dist_tp.tp.lanes import InnerLoop
 from dist_tp.tp.outer import OuterUpdate
@@ -116,9 +117,7 @@ class TPStepper:
         so W ranks × M lanes sample exactly what one process with W·M lanes would.
         """
         tp, train = self.cfg.tp, self.cfg.train
-        # dropout's stream depends only on (seed, epoch, step, rank): exact mid-epoch resume
-        seq = np.random.SeedSequence([train.seed, epoch, step, self.comm.rank])
-        torch.manual_seed(int(seq.generate_state(1)[0]))
+        seed_step(train.seed, epoch, step, self.comm.rank)  # dropout: exact mid-epoch resume
         first_lane = self.comm.rank * tp.lanes
         rngs = [
             np.random.default_rng([train.seed, epoch, step, first_lane + m])

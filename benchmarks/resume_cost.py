@@ -1,0 +1,66 @@
+"""What exact mid-epoch resume costs joint training: reading and packing a whole epoch's
+mini-batches (what ``--resume`` skips through, without training them), the per-step seeding
+(``dist_tp.seeding.seed_step``), and, for scale, the time of a few training steps.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/resume_cost.py --data data/ml-1m --dataset ml-1m
+"""
+
+import argparse
+import time
+
+import torch
+
+from dist_tp.config import load_config
+from dist_tp.data.stream import open_prepared
+from dist_tp.joint import JointStepper
+from dist_tp.seeding import seed_step
+from dist_tp.train import build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a prepared folder")
+    parser.add_argument("--dataset", default="ml-1m", help="configs/<dataset>/<backbone>.yaml")
+    parser.add_argument("--backbones", default="sasrec,caser")
+    parser.add_argument("--steps", type=int, default=10, help="training steps timed, for scale")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    t0, n = time.perf_counter(), 10_000
+    for step in range(n):
+        seed_step(0, 1, step, 0, extra=1)
+    print(f"seed_step: {(time.perf_counter() - t0) / n * 1e6:.0f} µs per step")
+
+    num_items = open_prepared(args.data).num_items
+    for backbone in args.backbones.split(","):
+        cfg = load_config(
+            f"configs/{args.dataset}/{backbone}.yaml",
+            [f"data.path={args.data}", "train.progress=false"],
+        )
+        stepper = JointStepper(build(cfg, num_items, cfg.data.path), cfg)
+        t0 = time.perf_counter()
+        batches = sum(1 for _ in stepper.epoch_batches(0))
+        read = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            stepper.run_epoch(0, on_step=lambda step: _stop_after(step, args.steps))
+        except _Enough:
+            pass
+        per_step = (time.perf_counter() - t0) / args.steps
+        print(
+            f"{backbone}: an epoch's {batches:,} mini-batches read and packed in {read:.2f} s; "
+            f"training {per_step:.3f} s per step (the epoch ≈ {batches * per_step:.0f} s)"
+        )
+
+
+class _Enough(Exception):
+    pass
+
+
+def _stop_after(step: int, steps: int) -> None:
+    if step + 1 >= steps:
+        raise _Enough
+
+
+if __name__ == "__main__":
+    main()
