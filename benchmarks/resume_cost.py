@@ -1,6 +1,8 @@
-"""What exact mid-epoch resume costs joint training: reading and packing a whole epoch's
-mini-batches (what ``--resume`` skips through, without training them), the per-step seeding
-(``dist_tp.seeding.seed_step``), and, for scale, the time of a few training steps.
+"""What exact mid-epoch resume costs joint training: the per-step seeding
+(``dist_tp.seeding.seed_step``); what ``--resume`` reads before its first step, which is the
+pool of users it stopped in (from the stream position in ``last.pt``; timed for the largest
+pool), against reading and packing the whole epoch up to there (what it read before positions
+were kept); and, for scale, the time of a few training steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/resume_cost.py --data data/ml-1m --dataset ml-1m
 """
@@ -39,8 +41,14 @@ def main() -> None:
         )
         stepper = JointStepper(build(cfg, num_items, cfg.data.path), cfg)
         t0 = time.perf_counter()
-        batches = sum(1 for _ in stepper.epoch_batches(0))
-        read = time.perf_counter() - t0
+        positions = [position for _, position in stepper.epoch_batches(0)]
+        read, batches = time.perf_counter() - t0, len(positions)
+        ends = {position[2]: position for position in positions}  # a pool's last mini-batch
+        largest = max(ends.values(), key=lambda position: position[3])
+        t0 = time.perf_counter()
+        for _ in stepper.epoch_batches(0, largest):  # reads that pool and the next one
+            break
+        resume = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
             stepper.run_epoch(0, on_step=lambda step: _stop_after(step, args.steps))
@@ -48,8 +56,10 @@ def main() -> None:
             pass
         per_step = (time.perf_counter() - t0) / args.steps
         print(
-            f"{backbone}: an epoch's {batches:,} mini-batches read and packed in {read:.2f} s; "
-            f"training {per_step:.3f} s per step (the epoch ≈ {batches * per_step:.0f} s)"
+            f"{backbone}: an epoch's {batches:,} mini-batches ({len(ends)} pools) read and "
+            f"packed in {read:.3f} s; resumed after the largest pool ({largest[3]} mini-batches), "
+            f"it has its next mini-batch in {resume:.3f} s ({read / resume:.0f}x less); training "
+            f"{per_step:.3f} s per step (the epoch ≈ {batches * per_step:.0f} s)"
         )
 
 

@@ -145,6 +145,7 @@ class JointStepper:
         self.gen = torch.Generator(device=self.device)  # negative sampling, seeded per step
         self._partial: dict | None = None  # the running epoch's loss sums, for a checkpoint
         self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
+        self._carried_position: list[int] | None = None  # where this rank's stream was then
         self.stream = UserStream(
             cfg.data.path,
             rank=self.comm.rank,
@@ -158,11 +159,23 @@ class JointStepper:
     def modules(self) -> dict:
         return {"model": self.model}
 
-    def epoch_batches(self, epoch: int) -> Iterator[Rows]:
-        """This rank's mini-batches of epoch ``epoch``, in order."""
+    def epoch_batches(self, epoch: int, position: list[int] | None = None) -> Iterator:
+        """This rank's mini-batches of epoch ``epoch``, in order, each with the position just
+        past it: ``[unit, row, pool, done]``, where the mini-batch's pool of users starts at
+        row ``row`` of the stream's ``unit``-th row group, is the epoch's ``pool``-th, and has
+        had ``done`` of its mini-batches. Given such a ``position``, the epoch goes on from
+        there and reads only the row groups from that pool on (a mid-epoch resume)."""
         cfg = self.cfg
         self.stream.set_epoch(epoch)
-        for pool_index, batch in enumerate(self.stream):
+        first, skip = 0, 0
+        if position is not None:
+            unit, row, first, skip = position
+            self.stream.load_state_dict(
+                {"epoch": epoch, "unit": unit, "row": row, "seed": self.stream.seed}
+            )
+        for pool_index, batch in enumerate(self.stream, start=first):
+            at = self.stream.state_dict()
+            unit, row = at["unit"], at["row"] - batch.num_rows  # where this pool starts
             rows = training_rows(
                 to_sequences(batch),
                 max_len=cfg.model.max_len,
@@ -170,7 +183,14 @@ class JointStepper:
                 balance=cfg.train.balance,
             )
             rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
-            yield from batches(rows, cfg.train.batch_size, rng)
+            for done, mb in enumerate(batches(rows, cfg.train.batch_size, rng), start=1):
+                if pool_index == first and done <= skip:
+                    continue  # done before the checkpoint
+                yield mb, [unit, row, pool_index, done]
+
+    def _end_position(self) -> list[int]:
+        """The position of a rank whose stream is spent: resuming there yields nothing."""
+        return [len(self.stream.units()), 0, 0, 0]
 
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast of the forward and loss when ``train.precision`` is bf16 (the
@@ -192,9 +212,10 @@ class JointStepper:
     def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
         """Steps ``start_step..`` of the epoch; ``on_step(step)`` after each one.
 
-        A resumed epoch re-reads its mini-batches from the start and skips the first
-        ``start_step`` (they are a function of seed, epoch and rank), and adds the loss sums
-        that the checkpoint carried over (``load_state_dict``) to its own.
+        A resumed epoch goes on from the stream position the checkpoint carried over
+        (``load_state_dict``): it re-reads only the pool of users it was in and skips that
+        pool's mini-batches already done (they are a function of seed, epoch and rank). It
+        adds the carried loss sums to its own.
         """
         cfg, comm = self.cfg, self.comm
         world = comm.world_size
@@ -206,11 +227,15 @@ class JointStepper:
         count, step, started = carried["count"], start_step, time.perf_counter()
         show = cfg.train.progress and comm.is_main
         bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not show, leave=False)
-        mbs = self.epoch_batches(epoch)
-        for _ in range(start_step):  # done before the checkpoint
-            next(mbs, None)
+        position = self._carried_position if start_step else None
+        self._carried_position = None
+        mbs = self.epoch_batches(epoch, position)
+        if start_step and position is None:  # a last.pt from before positions were kept
+            for _ in range(start_step):
+                next(mbs, None)
         while True:
-            mb = next(mbs, None)
+            item = next(mbs, None)
+            mb, position = item if item is not None else (None, self._end_position())
             n = 0 if mb is None else int(mb.windows.sum())
             weight = 1.0
             if world > 1:
@@ -243,6 +268,7 @@ class JointStepper:
                 "total": total,
                 "count": count,
                 "seconds": carried["seconds"] + time.perf_counter() - started,
+                "position": position,
             }
             if on_step is not None:
                 on_step(step)
@@ -264,7 +290,8 @@ class JointStepper:
 
     def state_dict(self) -> dict:
         """The optimizer's (or engine's) state; mid-epoch (called from ``on_step``, on every
-        rank at once) also the epoch's loss sums so far, summed over ranks."""
+        rank at once) also the epoch's loss sums so far, summed over ranks, and each rank's
+        stream position (``epoch_batches``), so a resume reads on from there."""
         state = (
             {"engine": self.engine.state_dict()}
             if self.engine is not None
@@ -281,6 +308,7 @@ class JointStepper:
                 "count": int(sums[1]),
                 "seconds": self._partial["seconds"],
             }
+            state["positions"] = self.comm.gather_object(self._partial["position"])
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -296,3 +324,5 @@ class JointStepper:
         if sums is not None and not self.comm.is_main:  # rank 0 carries the ranks' sums
             sums = {**sums, "total": 0.0, "count": 0}
         self._carried = sums
+        positions = state.get("positions")  # one per rank, in rank order
+        self._carried_position = None if positions is None else positions[self.comm.rank]

@@ -155,11 +155,12 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(
     prepared, tmp_path, method, loss, every, kill_at
 ):
     """SIGKILL one rank after a mid-epoch checkpoint; torchrun restarts both, they resume
-    from ``last.pt`` and end as an uninterrupted run (TP: outer steps; joint: DDP steps)."""
+    from ``last.pt`` and end as an uninterrupted run (TP: outer steps; joint: DDP steps,
+    each rank reading on from its own stream position, past its first pools of users)."""
     import signal
     import time
 
-    path = prepared("ml-100k")
+    path = prepared("ml-100k", **({"row_group_size": 16} if method == "joint" else {}))
     args = [
         "-m",
         "dist_tp",
@@ -186,6 +187,9 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(
         while time.time() < deadline and not killed:
             state = _last_state(out / "last.pt")
             if state is not None and not state["epoch_done"] and state["next_step"] >= kill_at:
+                if method == "joint":
+                    positions = state["stepper"]["positions"]  # [unit, row, pool, done] a rank
+                    assert len(positions) == 2 and all(p[2] > 0 for p in positions), positions
                 workers = subprocess.run(
                     ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
                 ).stdout.split()

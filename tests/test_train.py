@@ -11,7 +11,7 @@ import torch
 
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
-from dist_tp.data.stream import UserSequences, load_sequences
+from dist_tp.data.stream import UserSequences, UserStream, load_sequences
 from dist_tp.examples import eval_queries, training_rows
 from dist_tp.joint import rows_loss
 from dist_tp.models import build_model
@@ -202,13 +202,30 @@ class _Crash(Exception):
 
 
 def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypatch):
-    """A crash right after the mid-epoch checkpoint of step 10; ``--resume`` skips the
-    epoch's first 10 mini-batches and ends with the parameters, history and metrics of an
-    uninterrupted run (dropout and negatives are seeded per step)."""
+    """A crash right after the mid-epoch checkpoint of step 10; ``--resume`` reads on from the
+    stream position in ``last.pt`` (only the row groups from the checkpoint's pool on) and
+    ends with the parameters, history and metrics of an uninterrupted run (dropout and
+    negatives are seeded per step). A ``last.pt`` without positions (written by an earlier
+    version) resumes the same way by skipping the epoch's first 10 mini-batches."""
+    import shutil
+
     import dist_tp.train as train_module
 
-    cfg = tiny(prepared, "train.epochs=2", "train.loss=bce", "train.checkpoint_every=5")
+    data = prepared("ml-100k", row_group_size=16)  # many small row groups: many pools
+    cfg = load_config(
+        TINY, [f"data.path={data}", "train.epochs=2", "train.loss=bce", "train.checkpoint_every=5"]
+    )
+    reads: list[tuple[int, str, int]] = []  # (epoch, file, row group) read for training
+    read_unit = UserStream._read_unit
+
+    def logged_read(self, file, group, position):
+        if self.shuffle:
+            reads.append((self.epoch, file, group))
+        return read_unit(self, file, group, position)
+
+    monkeypatch.setattr(UserStream, "_read_unit", logged_read)
     straight = run_training(cfg, tmp_path / "straight")
+    straight_reads, reads[:] = list(reads), []
 
     save = train_module.save_checkpoint
 
@@ -221,26 +238,37 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
     out = tmp_path / "crashed"
     with pytest.raises(_Crash):
         run_training(cfg, out)
-    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
     saved = torch.load(out / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["next_step"]) == (0, 10)
     assert saved["stepper"]["epoch_sums"]["count"] > 0
+    [(unit, row, pool, done)] = saved["stepper"]["positions"]
+    assert pool > 0 and done > 0  # past the first pool: something to skip
     other = tmp_path / "other-world"
     other.mkdir()
     torch.save({**saved, "world_size": 2}, other / "last.pt")
     with pytest.raises(ConfigError, match=r"last.pt: written in the middle of epoch 0 by 2"):
         run_training(cfg, other, resume=True)
-    resumed = run_training(cfg, out, resume=True)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out, legacy)
+    del saved["stepper"]["positions"]
+    torch.save(saved, legacy / "last.pt")
 
-    assert resumed["existing"] == straight["existing"] and resumed["new"] == straight["new"]
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(out / "last.pt", weights_only=True)
-    for name, value in a["model"].items():
-        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0)
-    for x, y in zip(a["history"], b["history"], strict=True):
-        assert (x["windows"], x["steps"]) == (y["windows"], y["steps"])
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
-        assert x["valid_ndcg10"] == y["valid_ndcg10"]
+    reads.clear()
+    resumed = run_training(cfg, out, resume=True)
+    epoch0 = [r for r in straight_reads if r[0] == 0]
+    assert [r for r in reads if r[0] == 0] == epoch0[unit:]  # the earlier row groups unread
+    assert [r for r in reads if r[0] == 1] == [r for r in straight_reads if r[0] == 1]
+    for run, metrics in ((out, resumed), (legacy, run_training(cfg, legacy, resume=True))):
+        assert metrics["existing"] == straight["existing"] and metrics["new"] == straight["new"]
+        a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+        b = torch.load(run / "last.pt", weights_only=True)
+        for name, value in a["model"].items():
+            torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0)
+        for x, y in zip(a["history"], b["history"], strict=True):
+            assert (x["windows"], x["steps"]) == (y["windows"], y["steps"])
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
+            assert x["valid_ndcg10"] == y["valid_ndcg10"]
 
 
 def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path, capsys):
