@@ -78,6 +78,31 @@ def test_partition_is_disjoint_complete_and_balanced(prepared):
         assert max(loads) - min(loads) <= sampler.n_windows.max()
 
 
+def test_each_rank_loads_only_its_own_part(prepared):
+    """``load_part`` reads all users' lengths, then only this rank's users: the sampler it
+    returns is exactly the whole sampler's ``subset(partition(W)[rank])``, and the ranks'
+    items add up to the whole."""
+    from dist_tp.data.stream import load_sequences
+    from dist_tp.tp.sampler import load_part
+
+    path = prepared("ml-100k")
+    whole = TaskSampler(load_sequences(path, roles=["existing"]), max_len=10)
+    for world in (1, 2, 3):
+        parts = whole.partition(world)
+        held = 0
+        for rank in range(world):
+            part, loads = load_part(path, max_len=10, rank=rank, world_size=world)
+            expected = whole.subset(parts[rank])
+            assert loads == [int(whole.n_windows[p].sum()) for p in parts]
+            for name in ("user", "is_head", "offsets", "items"):
+                np.testing.assert_array_equal(
+                    getattr(part.seqs, name), getattr(expected.seqs, name), err_msg=name
+                )
+            np.testing.assert_array_equal(part.n_windows, expected.n_windows)
+            held += len(part.seqs.items)
+        assert held == len(whole.seqs.items)
+
+
 def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, tmp_path):
     path = prepared("ml-100k")
     out = tmp_path / "dist.pt"

@@ -201,8 +201,12 @@ def to_sequences(batch: pa.RecordBatch | pa.Table) -> UserSequences:
     )
 
 
-def load_sequences(path: str, *, roles: Sequence[str] | None = None) -> UserSequences:
-    """All users of ``path`` (optionally of some roles), sorted by user index."""
+def load_sequences(
+    path: str, *, roles: Sequence[str] | None = None, users: np.ndarray | None = None
+) -> UserSequences:
+    """All users of ``path`` (optionally of some roles, or only the user indices ``users``),
+    sorted by user index. With ``users``, each row group is filtered as it is read, so memory
+    follows the users kept, not the dataset."""
     stream = UserStream(
         path,
         shuffle=False,
@@ -210,7 +214,11 @@ def load_sequences(path: str, *, roles: Sequence[str] | None = None) -> UserSequ
         batch_rows=1 << 20,
         columns=["user", "role", "is_head", "items"],
     )
-    batches = list(stream)
+    keep = None if users is None else pa.array(np.asarray(users, dtype=np.int32))
+    batches = [
+        batch if keep is None else batch.filter(pc.is_in(batch.column("user"), keep))
+        for batch in stream
+    ]
     if not batches:
         empty = np.zeros(0, dtype=bool)
         return UserSequences(
@@ -219,3 +227,18 @@ def load_sequences(path: str, *, roles: Sequence[str] | None = None) -> UserSequ
     table = pa.Table.from_batches(batches)
     table = table.take(pc.sort_indices(table, [("user", "ascending")]))
     return to_sequences(table.combine_chunks())
+
+
+def read_lengths(path: str, *, roles: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(user, length)``: every user's index and number of items (optionally of some roles),
+    sorted by user; one row group in memory at a time."""
+    stream = UserStream(
+        path, shuffle=False, roles=roles, batch_rows=1 << 20, columns=["user", "items"]
+    )
+    users, lengths = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+    for batch in stream:
+        users.append(batch.column("user").to_numpy())
+        lengths.append(pc.list_value_length(batch.column("items")).to_numpy().astype(np.int64))
+    user, length = np.concatenate(users), np.concatenate(lengths)
+    order = np.argsort(user, kind="stable")
+    return user[order], length[order]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_tp.data.stream import UserSequences
+from dist_tp.data.stream import UserSequences, load_sequences, read_lengths
 from dist_tp.examples import windows
 
 
@@ -41,6 +41,41 @@ class LaneBatch:
         )
 
 
+def balanced_parts(n_windows: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Rows of ``n_windows`` split into ``world_size`` disjoint, complete parts balanced by
+    number of training windows: largest first, each to the lightest part (ties: lowest part).
+    Each part is ascending. Deterministic: every rank computes the same split."""
+    order = np.lexsort((np.arange(len(n_windows)), -n_windows))
+    loads = np.zeros(world_size, dtype=np.int64)
+    owner = np.empty(len(n_windows), dtype=np.int64)
+    for u in order:
+        part = int(np.argmin(loads))
+        owner[u] = part
+        loads[part] += n_windows[u]
+    return [np.flatnonzero(owner == r) for r in range(world_size)]
+
+
+def load_part(
+    path: str, *, max_len: int, rank: int, world_size: int, holdout: int = 2
+) -> tuple[TaskSampler, list[int]]:
+    """Rank ``rank``'s part of the existing users (``balanced_parts``) as a sampler, and every
+    part's number of training windows. Only that part's items are held: every rank first
+    reads all users' lengths (one row group at a time), splits them as
+    ``TaskSampler(all users).partition(world_size)`` would, then reads its own users alone.
+    The sampler equals ``TaskSampler(all).subset(parts[rank])``."""
+    if world_size == 1:
+        sampler = TaskSampler(load_sequences(path, roles=["existing"]), max_len=max_len)
+        return sampler, [sampler.total_windows]
+    users, lengths = read_lengths(path, roles=["existing"])
+    n_windows = lengths - holdout - 1
+    keep = n_windows >= 1  # the users a TaskSampler keeps, in its order
+    users, n_windows = users[keep], n_windows[keep]
+    parts = balanced_parts(n_windows, world_size)
+    seqs = load_sequences(path, roles=["existing"], users=users[parts[rank]])
+    sampler = TaskSampler(seqs, max_len=max_len, holdout=holdout)
+    return sampler, [int(n_windows[part].sum()) for part in parts]
+
+
 class TaskSampler:
     """The training tasks of some existing users (leave-two-out), held as CSR arrays."""
 
@@ -62,17 +97,8 @@ class TaskSampler:
         return int(self.n_windows.sum())
 
     def partition(self, world_size: int) -> list[np.ndarray]:
-        """Users split into ``world_size`` disjoint, complete parts balanced by number of
-        training windows: largest first, each to the lightest part (ties: lowest part).
-        Each part is ascending. Deterministic: every rank computes the same split."""
-        order = np.lexsort((np.arange(len(self)), -self.n_windows))
-        loads = np.zeros(world_size, dtype=np.int64)
-        owner = np.empty(len(self), dtype=np.int64)
-        for u in order:
-            part = int(np.argmin(loads))
-            owner[u] = part
-            loads[part] += self.n_windows[u]
-        return [np.flatnonzero(owner == r) for r in range(world_size)]
+        """These users split into ``world_size`` parts (``balanced_parts``)."""
+        return balanced_parts(self.n_windows, world_size)
 
     def subset(self, rows: np.ndarray) -> TaskSampler:
         """A sampler over some of these users (``rows`` ascending keeps their order)."""

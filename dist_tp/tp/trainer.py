@@ -14,13 +14,12 @@ from tqdm import tqdm
 
 from dist_tp.comm import LocalComm, broadcast_module, check_replicas
 from dist_tp.config import Config, ConfigError
-from dist_tp.data.stream import load_sequences
 from dist_tp.device import module_device
 from dist_tp.seeding import seed_step
 from dist_tp.tp.discriminator import Discriminator, auc
 from dist_tp.tp.lanes import InnerLoop
 from dist_tp.tp.outer import OuterUpdate
-from dist_tp.tp.sampler import TaskSampler
+from dist_tp.tp.sampler import TaskSampler, load_part
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +50,23 @@ class TPStepper:
                 torch.manual_seed(cfg.train.seed + 7919)
                 self.disc = Discriminator(cfg.model.dim, tp.disc_hidden)
             self.disc.to(module_device(model))
-        if sampler is None:
-            seqs = load_sequences(cfg.data.path, roles=["existing"])
-            sampler = TaskSampler(seqs, max_len=cfg.model.max_len)
-        if self.comm.world_size > 1:
-            parts = sampler.partition(self.comm.world_size)
+        rank, world = self.comm.rank, self.comm.world_size
+        if sampler is None:  # this rank's users only
+            sampler, loads = load_part(
+                cfg.data.path, max_len=cfg.model.max_len, rank=rank, world_size=world
+            )
+        elif world > 1:
+            parts = sampler.partition(world)
             loads = [int(sampler.n_windows[p].sum()) for p in parts]
+            sampler = sampler.subset(parts[rank])
+        if world > 1:
             log.info(
                 "rank %d: %d users, %d windows; imbalance max/mean %.4f",
-                self.comm.rank,
-                len(parts[self.comm.rank]),
-                loads[self.comm.rank],
+                rank,
+                len(sampler),
+                loads[rank],
                 max(loads) / (sum(loads) / len(loads)),
             )
-            sampler = sampler.subset(parts[self.comm.rank])
             broadcast_module(model, self.comm)
             if self.disc is not None:
                 broadcast_module(self.disc, self.comm)
