@@ -78,6 +78,24 @@ def test_partition_is_disjoint_complete_and_balanced(prepared):
         assert max(loads) - min(loads) <= sampler.n_windows.max()
 
 
+def test_balanced_parts_is_the_greedy_split_with_lowest_part_ties():
+    """Largest user first, each to the currently lightest part, ties to the lowest part and,
+    among equal users, the lower row first: checked against a plain argmin loop on data
+    with many ties."""
+    from dist_tp.tp.sampler import balanced_parts
+
+    rng = np.random.default_rng(0)
+    for world in (1, 2, 3, 8):
+        n_windows = rng.integers(1, 6, size=500)
+        loads, owner = np.zeros(world, dtype=np.int64), np.empty(500, dtype=np.int64)
+        for u in np.lexsort((np.arange(500), -n_windows)):
+            owner[u] = np.argmin(loads)
+            loads[owner[u]] += n_windows[u]
+        parts = balanced_parts(n_windows, world)
+        for r in range(world):
+            np.testing.assert_array_equal(parts[r], np.flatnonzero(owner == r))
+
+
 def test_each_rank_loads_only_its_own_part(prepared):
     """``load_part`` reads all users' lengths, then only this rank's users: the sampler it
     returns is exactly the whole sampler's ``subset(partition(W)[rank])``, and the ranks'

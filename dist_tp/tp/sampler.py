@@ -4,6 +4,7 @@ examples — without replacement, or with replacement when the user has fewer th
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +47,14 @@ def balanced_parts(n_windows: np.ndarray, world_size: int) -> list[np.ndarray]:
     number of training windows: largest first, each to the lightest part (ties: lowest part).
     Each part is ascending. Deterministic: every rank computes the same split."""
     order = np.lexsort((np.arange(len(n_windows)), -n_windows))
-    loads = np.zeros(world_size, dtype=np.int64)
+    lightest = [(0, part) for part in range(world_size)]  # a heap of (load, part)
+    chosen = []
+    for size in n_windows[order].tolist():
+        load, part = lightest[0]
+        heapq.heapreplace(lightest, (load + size, part))
+        chosen.append(part)
     owner = np.empty(len(n_windows), dtype=np.int64)
-    for u in order:
-        part = int(np.argmin(loads))
-        owner[u] = part
-        loads[part] += n_windows[u]
+    owner[order] = chosen
     return [np.flatnonzero(owner == r) for r in range(world_size)]
 
 
