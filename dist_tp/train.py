@@ -32,9 +32,11 @@ from dist_tp.checkpoint import (
 from dist_tp.comm import LocalComm
 from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from dist_tp.data.stream import (
+    UserStream,
     concat_ranges,
     load_sequences,
     open_prepared,
+    to_sequences,
 )
 from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
 from dist_tp.evaluate import evaluate
@@ -51,6 +53,8 @@ from dist_tp.tracking import (
 )
 
 log = logging.getLogger(__name__)
+DISC_BATCH = 1024  # users encoded at once for the discriminator's final figures
+DISC_KEYS = ("disc_acc", "disc_auc", "disc_majority")  # what ``disc_figures`` returns
 
 
 def set_seed(seed: int) -> None:
@@ -246,26 +250,45 @@ def _fit(stepper, cfg: Config, out: Path, resume: bool, comm, tracker) -> dict:
             module.load_state_dict(state[name])
     metrics = _final_metrics(model, cfg, comm)
     if "disc" in modules:
-        metrics["discriminator"] = discriminator_metrics(model, modules["disc"], cfg)
+        metrics["discriminator"] = discriminator_metrics(model, modules["disc"], cfg, comm)
     return metrics
 
 
-def discriminator_metrics(model, disc, cfg: Config) -> dict:
-    """The discriminator on the existing users' test inputs: accuracy, AUC, majority share."""
+def discriminator_metrics(model, disc, cfg: Config, comm=None) -> dict:
+    """The discriminator on the existing users' test inputs: accuracy, AUC, majority share.
+
+    Users are streamed (each rank its own row groups, ``DISC_BATCH`` at a time); the ranks'
+    logits meet on rank 0, which computes the figures and sends them to every rank."""
     from dist_tp.tp.trainer import disc_figures
 
-    seqs = load_sequences(cfg.data.path, roles=["existing"])
-    q = eval_queries(seqs, max_len=cfg.model.max_len, offset=1)
+    comm = comm or LocalComm()
+    stream = UserStream(
+        cfg.data.path,
+        rank=comm.rank,
+        world_size=comm.world_size,
+        shuffle=False,
+        roles=["existing"],
+        batch_rows=DISC_BATCH,
+        columns=["user", "role", "is_head", "items"],
+    )
     device = module_device(model)
     model.eval()
+    logits, labels = [torch.zeros(0)], [torch.zeros(0)]
     with torch.no_grad():
-        logits = torch.cat(
-            [
-                disc(model.encode(to_device(q.inputs[i : i + 1024], device))).cpu()
-                for i in range(0, len(q.targets), 1024)
-            ]
-        )
-    return disc_figures(logits, torch.from_numpy(q.is_head.astype(np.float32)))
+        for batch in stream:
+            q = eval_queries(to_sequences(batch), max_len=cfg.model.max_len, offset=1)
+            logits.append(disc(model.encode(to_device(q.inputs, device))).float().cpu())
+            labels.append(torch.from_numpy(q.is_head.astype(np.float32)))
+    mine = (torch.cat(logits), torch.cat(labels))
+    if comm.world_size == 1:
+        return disc_figures(*mine)
+    gathered = comm.gather_object(mine)
+    figures = torch.zeros(3, dtype=torch.float64)
+    if comm.is_main:
+        result = disc_figures(*(torch.cat(parts) for parts in zip(*gathered, strict=True)))
+        figures = torch.tensor([result[key] for key in DISC_KEYS], dtype=torch.float64)
+    comm.broadcast_(figures, src=0)
+    return dict(zip(DISC_KEYS, figures.tolist(), strict=True))
 
 
 def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Path]:

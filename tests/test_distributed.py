@@ -181,6 +181,10 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
         for group in ("all", "head", "tail"):
             for key, value in single[role][group].items():
                 assert metrics[role][group][key] == pytest.approx(value, abs=1e-12)
+    # the discriminator's figures: each rank encodes its own users, rank 0 pools the logits
+    assert metrics["discriminator"].keys() == single["discriminator"].keys()
+    for key, value in single["discriminator"].items():
+        assert metrics["discriminator"][key] == pytest.approx(value, abs=1e-6), key
 
 
 def _last_state(path: Path) -> dict | None:
