@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import yaml
 
@@ -34,7 +35,6 @@ from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_d
 from dist_tp.data.stream import (
     UserStream,
     concat_ranges,
-    load_sequences,
     open_prepared,
     to_sequences,
 )
@@ -62,14 +62,27 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % (1 << 32))
 
 
+def training_counts(path: str, num_items: int) -> np.ndarray:
+    """[N+1] how often each item is a training item (leave-last-two-out) of an existing user;
+    streamed, one row group at a time."""
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    stream = UserStream(
+        path, shuffle=False, roles=["existing"], batch_rows=1 << 16, columns=["user", "items"]
+    )
+    for batch in stream:
+        items = batch.column("items")
+        lengths = pc.list_value_length(items).to_numpy().astype(np.int64)
+        values = pc.list_flatten(items).to_numpy()
+        position = concat_ranges(lengths)  # [nnz] index within the user
+        is_train = position < np.repeat(lengths - 2, lengths)
+        counts += np.bincount(values[is_train], minlength=num_items + 1)
+    return counts
+
+
 def build(cfg: Config, num_items: int, path: str):
     """The model named by the config; popularity is counted from the training items."""
     if cfg.model.name == "pop":
-        seqs = load_sequences(path, roles=["existing"])
-        position = concat_ranges(seqs.lengths)  # [nnz] index within the user
-        is_train = position < np.repeat(seqs.lengths - 2, seqs.lengths)  # leave-last-two-out
-        counts = np.bincount(seqs.items[is_train], minlength=num_items + 1)
-        return Popularity(counts)
+        return Popularity(training_counts(path, num_items))
     return build_model(cfg.model, num_items)
 
 

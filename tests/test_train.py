@@ -152,6 +152,19 @@ def pop_metrics(prepared, tmp_path_factory):
     return run_training(cfg, tmp_path_factory.mktemp("pop"))
 
 
+def test_popularity_counts_each_existing_users_training_items(prepared):
+    """Streamed counts: every existing user's items but the last two (validation, test)."""
+    from dist_tp.train import training_counts
+
+    path = prepared("ml-100k", row_group_size=100)
+    seqs = load_sequences(path, roles=["existing"])
+    expected = np.zeros(1683, dtype=np.int64)
+    for u in range(len(seqs)):
+        for item in seqs.items[seqs.offsets[u] : seqs.offsets[u + 1] - 2]:
+            expected[item] += 1
+    np.testing.assert_array_equal(training_counts(path, 1682), expected)
+
+
 def test_metrics_json_shape(prepared, pop_metrics, tmp_path):
     ks = [1, 5, 10]
     for role in ("existing", "new"):
