@@ -41,12 +41,12 @@ def main() -> None:
         )
         stepper = JointStepper(build(cfg, num_items, cfg.data.path), cfg)
         t0 = time.perf_counter()
-        positions = [position for _, position in stepper.epoch_batches(0)]
+        positions = [position for _, position in stepper.positioned_batches(0)]
         read, batches = time.perf_counter() - t0, len(positions)
         ends = {position[2]: position for position in positions}  # a pool's last mini-batch
         largest = max(ends.values(), key=lambda position: position[3])
         t0 = time.perf_counter()
-        for _ in stepper.epoch_batches(0, largest):  # reads that pool and the next one
+        for _ in stepper.positioned_batches(0, largest):  # reads that pool and the next one
             break
         resume = time.perf_counter() - t0
         t0 = time.perf_counter()

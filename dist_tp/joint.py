@@ -159,7 +159,12 @@ class JointStepper:
     def modules(self) -> dict:
         return {"model": self.model}
 
-    def epoch_batches(self, epoch: int, position: list[int] | None = None) -> Iterator:
+    def epoch_batches(self, epoch: int) -> Iterator[Rows]:
+        """This rank's mini-batches of epoch ``epoch``, in order."""
+        for mb, _ in self.positioned_batches(epoch):
+            yield mb
+
+    def positioned_batches(self, epoch: int, position: list[int] | None = None) -> Iterator:
         """This rank's mini-batches of epoch ``epoch``, in order, each with the position just
         past it: ``[unit, row, pool, done]``, where the mini-batch's pool of users starts at
         row ``row`` of the stream's ``unit``-th row group, is the epoch's ``pool``-th, and has
@@ -229,7 +234,7 @@ class JointStepper:
         bar = tqdm(desc=f"epoch {epoch}", unit="win", disable=not show, leave=False)
         position = self._carried_position if start_step else None
         self._carried_position = None
-        mbs = self.epoch_batches(epoch, position)
+        mbs = self.positioned_batches(epoch, position)
         if start_step and position is None:  # a last.pt from before positions were kept
             for _ in range(start_step):
                 next(mbs, None)
@@ -291,7 +296,7 @@ class JointStepper:
     def state_dict(self) -> dict:
         """The optimizer's (or engine's) state; mid-epoch (called from ``on_step``, on every
         rank at once) also the epoch's loss sums so far, summed over ranks, and each rank's
-        stream position (``epoch_batches``), so a resume reads on from there."""
+        stream position (``positioned_batches``), so a resume reads on from there."""
         state = (
             {"engine": self.engine.state_dict()}
             if self.engine is not None
