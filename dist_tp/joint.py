@@ -193,10 +193,6 @@ class JointStepper:
                     continue  # done before the checkpoint
                 yield mb, [unit, row, pool_index, done]
 
-    def _end_position(self) -> list[int]:
-        """The position of a rank whose stream is spent: resuming there yields nothing."""
-        return [len(self.stream.units()), 0, 0, 0]
-
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast of the forward and loss when ``train.precision`` is bf16 (the
         backward follows the forward's dtypes; parameters and Adam stay float32)."""
@@ -239,8 +235,8 @@ class JointStepper:
             for _ in range(start_step):
                 next(mbs, None)
         while True:
-            item = next(mbs, None)
-            mb, position = item if item is not None else (None, self._end_position())
+            item = next(mbs, None)  # a spent rank keeps its last position: nothing follows it
+            mb, position = item if item is not None else (None, position)
             n = 0 if mb is None else int(mb.windows.sum())
             weight = 1.0
             if world > 1:

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 import yaml
 
@@ -36,6 +35,7 @@ from dist_tp.data.stream import (
     UserStream,
     concat_ranges,
     open_prepared,
+    stream_sequences,
     to_sequences,
 )
 from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
@@ -66,16 +66,10 @@ def training_counts(path: str, num_items: int) -> np.ndarray:
     """[N+1] how often each item is a training item (leave-last-two-out) of an existing user;
     streamed, one row group at a time."""
     counts = np.zeros(num_items + 1, dtype=np.int64)
-    stream = UserStream(
-        path, shuffle=False, roles=["existing"], batch_rows=1 << 16, columns=["user", "items"]
-    )
-    for batch in stream:
-        items = batch.column("items")
-        lengths = pc.list_value_length(items).to_numpy().astype(np.int64)
-        values = pc.list_flatten(items).to_numpy()
-        position = concat_ranges(lengths)  # [nnz] index within the user
-        is_train = position < np.repeat(lengths - 2, lengths)
-        counts += np.bincount(values[is_train], minlength=num_items + 1)
+    for seqs in stream_sequences(path, roles=["existing"]):
+        position = concat_ranges(seqs.lengths)  # [nnz] index within the user
+        is_train = position < np.repeat(seqs.lengths - 2, seqs.lengths)
+        counts += np.bincount(seqs.items[is_train], minlength=num_items + 1)
     return counts
 
 

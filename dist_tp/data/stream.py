@@ -207,13 +207,7 @@ def load_sequences(
     """All users of ``path`` (optionally of some roles, or only the user indices ``users``),
     sorted by user index. With ``users``, each row group is filtered as it is read, so memory
     follows the users kept, not the dataset."""
-    stream = UserStream(
-        path,
-        shuffle=False,
-        roles=roles,
-        batch_rows=1 << 20,
-        columns=["user", "role", "is_head", "items"],
-    )
+    stream = _in_file_order(path, roles)
     keep = None if users is None else pa.array(np.asarray(users, dtype=np.int32))
     batches = [
         batch if keep is None else batch.filter(pc.is_in(batch.column("user"), keep))
@@ -232,13 +226,27 @@ def load_sequences(
 def read_lengths(path: str, *, roles: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(user, length)``: every user's index and number of items (optionally of some roles),
     sorted by user; one row group in memory at a time."""
-    stream = UserStream(
-        path, shuffle=False, roles=roles, batch_rows=1 << 20, columns=["user", "items"]
-    )
     users, lengths = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
-    for batch in stream:
-        users.append(batch.column("user").to_numpy())
-        lengths.append(pc.list_value_length(batch.column("items")).to_numpy().astype(np.int64))
+    for seqs in stream_sequences(path, roles=roles):
+        users.append(seqs.user)
+        lengths.append(seqs.lengths)
     user, length = np.concatenate(users), np.concatenate(lengths)
     order = np.argsort(user, kind="stable")
     return user[order], length[order]
+
+
+def stream_sequences(path: str, *, roles: Sequence[str] | None = None) -> Iterator[UserSequences]:
+    """The users of ``path`` (optionally of some roles) in file order, one row group at a time."""
+    for batch in _in_file_order(path, roles):
+        yield to_sequences(batch)
+
+
+def _in_file_order(path: str, roles: Sequence[str] | None) -> UserStream:
+    """A reader of every user's columns in file order, a whole row group per batch."""
+    return UserStream(
+        path,
+        shuffle=False,
+        roles=roles,
+        batch_rows=1 << 20,
+        columns=["user", "role", "is_head", "items"],
+    )
