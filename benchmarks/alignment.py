@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from dist_tp.data.stream import load_sequences
-from dist_tp.examples import training_rows
-from dist_tp.joint import rows_loss
-from dist_tp.train import load_run
+from dist_tp.data.examples import training_rows
+from dist_tp.algorithms.joint import rows_loss
+from dist_tp.run.loop import load_run
 
 TABLES = ("item_emb.weight", "out_emb.weight", "out_bias")
 

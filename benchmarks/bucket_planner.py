@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from dist_tp.tp.lanes import BUCKET_COSTS, VECTOR_DP_FROM, _split_numpy, _split_python
+from dist_tp.algorithms.tp.lanes import BUCKET_COSTS, VECTOR_DP_FROM, _split_numpy, _split_python
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -8,7 +8,7 @@ M·k·K windows per rank. Data-parallel joint training (DDP) all-reduces the ful
 per mini-batch of B windows per rank. Both move one model-sized buffer per exchange, so
 TP / DDP bytes per window = B / (M·k·K); with B = K (DDP stepping on the same per-rank
 mini-batch as one inner step) that is 1 / (k·M). The DDP figure is computed from the parameter count
-(joint training under DDP, ``dist_tp.joint``, all-reduces every gradient once per step, plus
+(joint training under DDP, ``dist_tp.algorithms.joint``, all-reduces every gradient once per step, plus
 one 8-byte window count); the TP figure is what the ranks actually sent.
 """
 
@@ -31,9 +31,9 @@ sys.path.insert(0, {repo!r})
 import torch
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.distributed import init_distributed, leave
+from dist_tp.parallel.distributed import init_distributed, leave
 from dist_tp.models import build_model
-from dist_tp.tp.trainer import TPStepper
+from dist_tp.algorithms.tp.trainer import TPStepper
 
 path, steps, lanes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@
 
 ``pairs`` sets each ``<backbone>-tp-<loss>`` beside its ``<backbone>-<loss>`` (found under any
 of the roots, first root first) over the seeds both have: mean ± std, the relative change and
-the paired t-test's p (``dist_tp.report.change``), per user group.
+the paired t-test's p (``dist_tp.experiments.report.change``), per user group.
 
 Each run is ``dist-tp train configs/<dataset>/<backbone>.yaml`` with the given overrides into
 ``OUT/<dataset>/<backbone>-<loss>/seed<k>``; a finished run (``metrics_nohist.json``
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from dist_tp.checkpoint import write_json, write_text
+from dist_tp.core.files import write_json, write_text
 from dist_tp.config import load_config
-from dist_tp.device import resolve_device
-from dist_tp.evaluate import evaluate
+from dist_tp.core.device import resolve_device
+from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.tracking import make_tracker
-from dist_tp.train import evaluate_run, load_run, run_training
+from dist_tp.run.loop import evaluate_run, load_run, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def _epochs(runs: dict[int, Path], seeds: list[int]) -> str:
 
 
 def pairs(args: argparse.Namespace) -> None:
-    from dist_tp.report import change
+    from dist_tp.experiments.report import change
 
     variants = {(p.parent.name, p.name) for r in args.roots for p in Path(r).glob("*/*")}
     header = " | ".join(f"{r} {g} {m}" for r, g, m in PAIR_COLUMNS)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dist_tp.tp.sampler import TaskSampler, balanced_parts, load_part
+from dist_tp.algorithms.tp.sampler import TaskSampler, balanced_parts, load_part
 
 
 def held_bytes(sampler: TaskSampler) -> int:

@@ -1,5 +1,5 @@
 """What exact mid-epoch resume costs joint training: the per-step seeding
-(``dist_tp.seeding.seed_step``); what ``--resume`` reads before its first step, which is the
+(``dist_tp.core.seeding.seed_step``); what ``--resume`` reads before its first step, which is the
 pool of users it stopped in (from the stream position in ``last.pt``; timed for the largest
 pool), against reading and packing the whole epoch up to there (what it read before positions
 were kept); and, for scale, the time of a few training steps.
@@ -14,9 +14,9 @@ import torch
 
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.joint import JointStepper
-from dist_tp.seeding import seed_step
-from dist_tp.train import build
+from dist_tp.algorithms.joint import JointStepper
+from dist_tp.core.seeding import seed_step
+from dist_tp.run.loop import build
 
 
 def main() -> None:

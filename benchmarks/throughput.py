@@ -28,10 +28,10 @@ import torch
 from dist_tp.config import load_config
 from dist_tp.data.prepare import prepare
 from dist_tp.data.stream import UserStream, open_prepared, to_sequences
-from dist_tp.evaluate import evaluate
-from dist_tp.examples import training_rows
-from dist_tp.joint import batch_loss, batches
-from dist_tp.train import build
+from dist_tp.evaluation.evaluate import evaluate
+from dist_tp.data.examples import training_rows
+from dist_tp.algorithms.joint import batch_loss, batches
+from dist_tp.run.loop import build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIST_TP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -79,7 +79,7 @@ def joint_steps(cfg, device: torch.device):
 
 def tp_steps(cfg, device: torch.device, bucketing: bool = True):
     """TP outer steps (lanes × k × users × K windows each), endlessly: yields their windows."""
-    from dist_tp.tp.trainer import TPStepper
+    from dist_tp.algorithms.tp.trainer import TPStepper
 
     torch.manual_seed(0)
     model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path).to(device)

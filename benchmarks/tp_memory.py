@@ -25,8 +25,8 @@ import numpy as np, torch
 from dist_tp.config import load_config
 from dist_tp.data.stream import UserSequences
 from dist_tp.models import build_model
-from dist_tp.tp.sampler import TaskSampler
-from dist_tp.tp.trainer import TPStepper
+from dist_tp.algorithms.tp.sampler import TaskSampler
+from dist_tp.algorithms.tp.trainer import TPStepper
 
 items, lanes = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(2)

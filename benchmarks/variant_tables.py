@@ -15,7 +15,7 @@ import statistics as st
 
 from grid import PAIR_COLUMNS, _runs  # benchmarks/ is on the path when this script runs
 
-from dist_tp.report import change
+from dist_tp.experiments.report import change
 
 BY_GROUP = [
     (role, group, "HR@10") for role in ("existing", "new") for group in ("all", "head", "tail")

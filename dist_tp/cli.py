@@ -118,12 +118,12 @@ def _raise_terminated(signum, frame) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_tp.config import load_config
-    from dist_tp.train import run_training
+    from dist_tp.run.loop import run_training
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.path:
         raise ConfigError("data.path is not set: pass data.path=DIR (a 'dist-tp prepare' output)")
-    from dist_tp.distributed import init_distributed
+    from dist_tp.parallel.distributed import init_distributed
     from dist_tp.tracking import make_tracker
 
     out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
@@ -173,7 +173,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 
 def _experiment_runs(args: argparse.Namespace) -> list:
-    from dist_tp.report import load_runs
+    from dist_tp.experiments.report import load_runs
 
     runs = load_runs(args.experiment, args.uri or "")
     if not runs:
@@ -182,7 +182,7 @@ def _experiment_runs(args: argparse.Namespace) -> list:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dist_tp.report import compare_tables, make_rows, write_csv
+    from dist_tp.experiments.report import compare_tables, make_rows, write_csv
 
     runs = _experiment_runs(args)
     text, records = compare_tables(make_rows(runs), args.metric or ["HR@10", "NDCG@10"])
@@ -194,8 +194,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from dist_tp.plots import experiment_figures
-    from dist_tp.report import make_rows
+    from dist_tp.tracking.plots import experiment_figures
+    from dist_tp.experiments.report import make_rows
     from dist_tp.tracking import log_figures
 
     runs = _experiment_runs(args)
@@ -209,7 +209,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from dist_tp.sweep import execute, plan
+    from dist_tp.experiments.sweep import execute, plan
 
     experiment = args.experiment or f"{Path(args.config).stem}-sweep"
     out = args.out or f"runs/sweep/{experiment}"
@@ -240,7 +240,7 @@ def _read_sequences(source: str) -> list[list[str]]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from dist_tp.recommend import Predictor
+    from dist_tp.evaluation.recommend import Predictor
 
     if args.n < 1:
         raise ConfigError(f"-n must be >= 1, got {args.n}")
@@ -255,8 +255,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dist_tp.checkpoint import write_json
-    from dist_tp.train import evaluate_run
+    from dist_tp.core.files import write_json
+    from dist_tp.run.loop import evaluate_run
 
     metrics, folder = evaluate_run(args.run, args.overrides)
     target = Path(args.out) if args.out else None
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     if "torch.distributed" in sys.modules:
-        from dist_tp.distributed import closed, leave
+        from dist_tp.parallel.distributed import closed, leave
 
         if closed():  # a torchrun worker that finished: no interpreter finalization
             leave(code)

@@ -36,7 +36,7 @@ fi
 .venv/bin/pip install -q -e ".[dev,deepspeed]"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 echo "setup: building DeepSpeed's ops (cached in $TORCH_EXTENSIONS_DIR)" >&2
-if ! log=$(.venv/bin/python -c "from dist_tp.deepspeed_engine import build_ops; build_ops()" 2>&1); then
+if ! log=$(.venv/bin/python -c "from dist_tp.parallel.deepspeed_engine import build_ops; build_ops()" 2>&1); then
   echo "$log" >&2
   exit 1
 fi

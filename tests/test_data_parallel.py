@@ -18,11 +18,11 @@ import pytest
 import torch
 from test_distributed import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.stream import load_sequences, open_prepared
-from dist_tp.examples import Rows, training_rows
-from dist_tp.joint import JointStepper, batch_loss
+from dist_tp.data.examples import Rows, training_rows
+from dist_tp.algorithms.joint import JointStepper, batch_loss
 from dist_tp.models import build_model
 
 ZERO = {s: f"configs/deepspeed/zero{s}.json" for s in (0, 1, 2)}
@@ -145,7 +145,7 @@ def test_cli_joint_under_torchrun_writes_the_run_folder(prepared, tmp_path):
 
 
 def test_deepspeed_config_errors_name_the_key_and_file(tmp_path, prepared, monkeypatch):
-    from dist_tp.deepspeed_engine import read_config
+    from dist_tp.parallel.deepspeed_engine import read_config
 
     with pytest.raises(ConfigError, match="train.engine must be"):
         load_config("configs/tiny.yaml", ["train.engine=ds"])
@@ -169,7 +169,7 @@ def test_deepspeed_config_errors_name_the_key_and_file(tmp_path, prepared, monke
         assert read_config(file)["zero_optimization"]["stage"] == stage
     # outside torchrun: one clear line instead of DeepSpeed's MPI discovery
     monkeypatch.delenv("RANK", raising=False)
-    from dist_tp.train import run_training
+    from dist_tp.run.loop import run_training
 
     cfg = load_config(
         "configs/tiny.yaml",

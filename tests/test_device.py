@@ -17,12 +17,12 @@ from test_distributed import ENV, REPO, tiny_tp_args, torchrun_cmd
 from test_tp import _config, _setup, _uneven_batch
 
 from dist_tp.config import ConfigError, load_config
-from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
-from dist_tp.distributed import choose_backend
-from dist_tp.evaluate import evaluate
-from dist_tp.joint import JointStepper
+from dist_tp.core.device import module_device, resolve_device, to_device, warn_if_oversubscribed
+from dist_tp.parallel.distributed import choose_backend
+from dist_tp.evaluation.evaluate import evaluate
+from dist_tp.algorithms.joint import JointStepper
 from dist_tp.models import build_model
-from dist_tp.tp.lanes import InnerLoop
+from dist_tp.algorithms.tp.lanes import InnerLoop
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -116,7 +116,7 @@ def test_cuda_inner_loop_at_full_size_is_finite_and_equals_cpu(prepared, backbon
     """The shipped model size (d = 64, L = 50) on real users, 4 lanes × k = 2 × K = 32: the
     fused GPU attention kernels once gave NaNs here under vmap."""
     from dist_tp.data.stream import load_sequences, open_prepared
-    from dist_tp.tp.sampler import TaskSampler
+    from dist_tp.algorithms.tp.sampler import TaskSampler
 
     path = prepared("ml-100k")
     cfg = load_config(
@@ -125,7 +125,7 @@ def test_cuda_inner_loop_at_full_size_is_finite_and_equals_cpu(prepared, backbon
     )
     torch.manual_seed(0)
     model = build_model(cfg.model, open_prepared(path).num_items)
-    from dist_tp.tp.discriminator import Discriminator
+    from dist_tp.algorithms.tp.discriminator import Discriminator
 
     disc = Discriminator(cfg.model.dim, cfg.tp.disc_hidden)
     sampler = TaskSampler(load_sequences(path, roles=["existing"]), max_len=cfg.model.max_len)

@@ -16,8 +16,8 @@ import torch
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
 from dist_tp.models import build_model
-from dist_tp.tp.sampler import TaskSampler
-from dist_tp.tp.trainer import TPStepper
+from dist_tp.algorithms.tp.sampler import TaskSampler
+from dist_tp.algorithms.tp.trainer import TPStepper
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_balanced_parts_is_the_greedy_split_with_lowest_part_ties():
     """Largest user first, each to the currently lightest part, ties to the lowest part and,
     among equal users, the lower row first: checked against a plain argmin loop on data
     with many ties."""
-    from dist_tp.tp.sampler import balanced_parts
+    from dist_tp.algorithms.tp.sampler import balanced_parts
 
     rng = np.random.default_rng(0)
     for world in (1, 2, 3, 8):
@@ -101,7 +101,7 @@ def test_each_rank_loads_only_its_own_part(prepared):
     returns is exactly the whole sampler's ``subset(partition(W)[rank])``, and the ranks'
     items add up to the whole."""
     from dist_tp.data.stream import load_sequences
-    from dist_tp.tp.sampler import load_part
+    from dist_tp.algorithms.tp.sampler import load_part
 
     path = prepared("ml-100k")
     whole = TaskSampler(load_sequences(path, roles=["existing"]), max_len=10)
@@ -174,7 +174,7 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("dist-tp").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
-    from dist_tp.train import evaluate_run
+    from dist_tp.run.loop import evaluate_run
 
     single, _ = evaluate_run(out)
     for role in ("existing", "new"):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dist_tp.metrics import finalize, metric_sums, ranks_from_scores
+from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores
 
 
 def test_plain_ranks() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dist_tp.cli import main
-from dist_tp.report import RunRecord, change, compare_tables, make_rows
-from dist_tp.sweep import parse_grid, plan
+from dist_tp.experiments.report import RunRecord, change, compare_tables, make_rows
+from dist_tp.experiments.sweep import parse_grid, plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -73,7 +73,7 @@ def test_sweep_creates_the_store_and_experiment_before_its_runs(tmp_path):
     the store and the experiment once, before any run starts."""
     from mlflow.tracking import MlflowClient
 
-    from dist_tp.sweep import _prepare_tracking
+    from dist_tp.experiments.sweep import _prepare_tracking
 
     uri = f"sqlite:///{tmp_path}/store.db"
     (run,) = plan(str(TINY), [], 1, out=tmp_path, experiment="early",
@@ -86,7 +86,7 @@ def test_sweep_creates_the_store_and_experiment_before_its_runs(tmp_path):
 def test_parallel_gpu_runs_without_mps_get_the_advice(tmp_path, monkeypatch):
     import torch
 
-    from dist_tp.sweep import gpu_sharing_hint
+    from dist_tp.experiments.sweep import gpu_sharing_hint
 
     pipes = tmp_path / "mps"
     pipes.mkdir()

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.stream import UserSequences
 from dist_tp.models import build_model
-from dist_tp.tp.discriminator import Discriminator, auc, grad_reverse
-from dist_tp.tp.lanes import BucketCost, InnerLoop, plan_buckets
-from dist_tp.tp.sampler import TaskSampler
-from dist_tp.tp.trainer import TPStepper
-from dist_tp.train import run_training
+from dist_tp.algorithms.tp.discriminator import Discriminator, auc, grad_reverse
+from dist_tp.algorithms.tp.lanes import BucketCost, InnerLoop, plan_buckets
+from dist_tp.algorithms.tp.sampler import TaskSampler
+from dist_tp.algorithms.tp.trainer import TPStepper
+from dist_tp.run.loop import run_training
 
 NUM_ITEMS = 30
 
@@ -237,7 +237,7 @@ def test_plan_buckets_covers_every_lane_once_and_splits_off_a_long_lane():
 
 @pytest.mark.parametrize("lanes", [5, 100, 300])
 def test_vectorised_bucket_split_equals_the_python_one(lanes):
-    from dist_tp.tp.lanes import BUCKET_COSTS, DEFAULT_BUCKET_COST, _split_numpy, _split_python
+    from dist_tp.algorithms.tp.lanes import BUCKET_COSTS, DEFAULT_BUCKET_COST, _split_numpy, _split_python
 
     rng = np.random.default_rng(lanes)
     rows = rng.integers(1, 34, lanes)
@@ -357,7 +357,7 @@ def test_auc():
 
 
 def test_short_tp_run_beats_popularity_and_its_initialisation(prepared, tmp_path):
-    from dist_tp.evaluate import evaluate
+    from dist_tp.evaluation.evaluate import evaluate
 
     path = prepared("ml-100k")
     base = ["data.path=" + path, "train.method=tp", "train.epochs=2", "train.progress=false"]

@@ -12,10 +12,10 @@ import torch
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.stream import UserSequences, UserStream, load_sequences
-from dist_tp.examples import eval_queries, training_rows
-from dist_tp.joint import rows_loss
+from dist_tp.data.examples import eval_queries, training_rows
+from dist_tp.algorithms.joint import rows_loss
 from dist_tp.models import build_model
-from dist_tp.train import run_training
+from dist_tp.run.loop import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -45,7 +45,7 @@ def test_every_shipped_config_loads():
     for path in files:
         cfg = load_config(path)
         if cfg.train.engine == "deepspeed":  # the JSON it names is valid too
-            from dist_tp.deepspeed_engine import read_config
+            from dist_tp.parallel.deepspeed_engine import read_config
 
             read_config(str(REPO / cfg.train.deepspeed))
 
@@ -154,7 +154,7 @@ def pop_metrics(prepared, tmp_path_factory):
 
 def test_popularity_counts_each_existing_users_training_items(prepared):
     """Streamed counts: every existing user's items but the last two (validation, test)."""
-    from dist_tp.train import training_counts
+    from dist_tp.run.loop import training_counts
 
     path = prepared("ml-100k", row_group_size=100)
     seqs = load_sequences(path, roles=["existing"])
@@ -222,7 +222,7 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
     version) resumes the same way by skipping the epoch's first 10 mini-batches."""
     import shutil
 
-    import dist_tp.train as train_module
+    import dist_tp.run.loop as train_module
 
     data = prepared("ml-100k", row_group_size=16)  # many small row groups: many pools
     cfg = load_config(
@@ -352,7 +352,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 def test_recommend_any_sequence(prepared, tmp_path):
-    from dist_tp.recommend import Predictor
+    from dist_tp.evaluation.recommend import Predictor
 
     run_training(tiny(prepared, "train.epochs=1"), tmp_path)
     predictor = Predictor.from_run(tmp_path)
@@ -372,7 +372,7 @@ def test_recommend_any_sequence(prepared, tmp_path):
 
 
 def test_recommend_command(prepared, tmp_path, capsys):
-    from dist_tp.recommend import Predictor
+    from dist_tp.evaluation.recommend import Predictor
 
     run = tmp_path / "run"
     run_training(tiny(prepared, "train.epochs=1"), run)

@@ -38,7 +38,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None
 
-from dist_tp.checkpoint import write_json
+from dist_tp.core.files import write_json
 from dist_tp.config import ConfigError, flatten, to_dict
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def run_tags(cfg, meta: dict, world_size: int) -> dict[str, str]:
 
 def device_name(spec: str) -> str:
     """``cpu``, or the GPU's model (``cuda:0 NVIDIA H100 80GB HBM3``): timings differ by it."""
-    from dist_tp.device import resolve_device
+    from dist_tp.core.device import resolve_device
 
     device = resolve_device(spec)
     if device.type != "cuda":
@@ -500,7 +500,7 @@ def finish_run(tracker, cfg, out: Path, metrics: dict) -> None:
     if isinstance(tracker, NullTracker):
         return
     tracker.log_metrics(final_metrics_to_flat(metrics), step=0)
-    from dist_tp.plots import training_curves
+    from dist_tp.tracking.plots import training_curves
 
     history_path = out / "history.json"
     if history_path.is_file():

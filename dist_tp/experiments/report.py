@@ -285,7 +285,7 @@ def compare_tables(rows: list[Row], metrics: list[str]) -> tuple[str, list[dict]
 
 
 def write_csv(path: str | Path, records: list[dict]) -> None:
-    from dist_tp.checkpoint import write_text
+    from dist_tp.core.files import write_text
 
     if not records:
         raise ConfigError("nothing to write: no finished runs matched")

@@ -1,6 +1,6 @@
 """Top-n recommendations for any item sequence, in the dataset's original item ids.
 
-    from dist_tp.recommend import Predictor
+    from dist_tp.evaluation.recommend import Predictor
     predictor = Predictor.from_run("runs/ml-100k-sasrec")
     predictor.recommend([50, 172, 133], n=10)   # original MovieLens ids, oldest first
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dist_tp.data.stream import open_prepared
-from dist_tp.device import module_device, to_device
+from dist_tp.core.device import module_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | Path) -> Predictor:
-        from dist_tp.train import load_run
+        from dist_tp.run.loop import load_run
 
         model, cfg = load_run(run)
         prepared = open_prepared(cfg.data.path)

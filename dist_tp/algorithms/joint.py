@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import Config, ConfigError
 from dist_tp.data.stream import UserStream, to_sequences
-from dist_tp.device import module_device, to_device
-from dist_tp.examples import Rows, training_rows
-from dist_tp.seeding import seed_step
+from dist_tp.core.device import module_device, to_device
+from dist_tp.data.examples import Rows, training_rows
+from dist_tp.core.seeding import seed_step
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
@@ -124,7 +124,7 @@ class JointStepper:
         self.comm = comm or LocalComm()
         loss_module = JointLoss(model, cfg)
         if cfg.train.engine == "deepspeed":
-            from dist_tp.deepspeed_engine import Engine
+            from dist_tp.parallel.deepspeed_engine import Engine
 
             self.engine = Engine(
                 loss_module,

@@ -1,5 +1,5 @@
-"""The run: build the model, fit it (joint epochs from ``dist_tp.joint``, TP epochs from
-``dist_tp.tp``), keep the best checkpoint, evaluate, and write the run folder (rank 0 writes;
+"""The run: build the model, fit it (joint epochs from ``dist_tp.algorithms.joint``, TP epochs from
+``dist_tp.algorithms.tp``), keep the best checkpoint, evaluate, and write the run folder (rank 0 writes;
 all ranks evaluate).
 
 Validation NDCG@10 after each epoch drives early stopping; the best model is kept and finally
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import yaml
 
-from dist_tp.checkpoint import (
+from dist_tp.core.files import (
     load_checkpoint,
     save_checkpoint,
     write_json,
     write_text,
 )
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
 from dist_tp.data.stream import (
     UserStream,
@@ -38,10 +38,10 @@ from dist_tp.data.stream import (
     stream_sequences,
     to_sequences,
 )
-from dist_tp.device import module_device, resolve_device, to_device, warn_if_oversubscribed
-from dist_tp.evaluate import evaluate
-from dist_tp.examples import eval_queries
-from dist_tp.joint import JointStepper
+from dist_tp.core.device import module_device, resolve_device, to_device, warn_if_oversubscribed
+from dist_tp.evaluation.evaluate import evaluate
+from dist_tp.data.examples import eval_queries
+from dist_tp.algorithms.joint import JointStepper
 from dist_tp.models import Popularity, build_model
 from dist_tp.tracking import (
     NullTracker,
@@ -97,7 +97,7 @@ def _final_metrics(model, cfg: Config, comm=None) -> dict:
 
 def make_stepper(model, cfg: Config, comm):
     if cfg.train.method == "tp":
-        from dist_tp.tp.trainer import TPStepper
+        from dist_tp.algorithms.tp.trainer import TPStepper
 
         return TPStepper(model, cfg, comm=comm)
     return JointStepper(model, cfg, comm)
@@ -266,7 +266,7 @@ def discriminator_metrics(model, disc, cfg: Config, comm=None) -> dict:
 
     Users are streamed (each rank its own row groups, ``DISC_BATCH`` at a time); the ranks'
     logits meet on rank 0, which computes the figures and sends them to every rank."""
-    from dist_tp.tp.trainer import disc_figures
+    from dist_tp.algorithms.tp.trainer import disc_figures
 
     comm = comm or LocalComm()
     stream = UserStream(
@@ -316,7 +316,7 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict,
     folder = path if path.is_dir() else path.parent
     metrics = _final_metrics(model, cfg)
     if "disc" in state:
-        from dist_tp.tp.discriminator import Discriminator
+        from dist_tp.algorithms.tp.discriminator import Discriminator
 
         disc = Discriminator(cfg.model.dim, cfg.tp.disc_hidden)
         disc.load_state_dict(state["disc"])

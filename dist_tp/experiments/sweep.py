@@ -106,7 +106,7 @@ def gpu_sharing_hint(config: str, run: SweepRun, parallel: int) -> str | None:
     run at once (14 runs: ~15 s, against 12 s alone)."""
     import torch
 
-    from dist_tp.device import mps_running
+    from dist_tp.core.device import mps_running
 
     if parallel < 2 or mps_running():
         return None

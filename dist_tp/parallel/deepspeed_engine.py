@@ -12,7 +12,7 @@ clipping. The engine's constructor broadcasts rank 0's parameters.
 - TP (:class:`EngineOuter`): the inner steps run outside the engine on plain tensors. The
   outer step hands the engine the surrogate Σ_p ⟨p, g_p⟩ with g = Θ − θ_k detached; its
   gradient with respect to p is exactly g, the engine's reduction averages it over ranks,
-  and ``engine.step`` applies Adam: the update of :class:`dist_tp.tp.outer.OuterUpdate`.
+  and ``engine.step`` applies Adam: the update of :class:`dist_tp.algorithms.tp.outer.OuterUpdate`.
 
 On CPU DeepSpeed picks its CPU accelerator and, on first use, compiles a shared-memory
 communication op (about a minute on 2 cores), cached in ``TORCH_EXTENSIONS_DIR``: by default
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class _Surrogate(nn.Module):
 
 
 class EngineOuter:
-    """:class:`dist_tp.tp.outer.OuterUpdate`'s interface, DeepSpeed hosting the outer Adam.
+    """:class:`dist_tp.algorithms.tp.outer.OuterUpdate`'s interface, DeepSpeed hosting the outer Adam.
 
     ``grads`` are aligned with the parameters of ``modules`` in order (the model's, then the
     discriminator's), which the modules themselves still hold as Θ after the inner loops.

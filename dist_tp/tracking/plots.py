@@ -14,7 +14,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from dist_tp.report import GROUPS, ROLES, Row, RunRecord, key_for
+from dist_tp.experiments.report import GROUPS, ROLES, Row, RunRecord, key_for
 
 
 def _plt():
@@ -28,7 +28,7 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     """Atomic: draw to a temp file beside ``path``, then rename."""
-    from dist_tp.checkpoint import atomic_write
+    from dist_tp.core.files import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     _plt().close(fig)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 
 log = logging.getLogger(__name__)
 

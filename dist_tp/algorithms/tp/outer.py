@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dist_tp.comm import LocalComm
+from dist_tp.parallel.comm import LocalComm
 
 
 class OuterUpdate:

@@ -1,0 +1,1 @@
+"""Foundations every room uses: the device, per-step seeding, atomic files and checkpoints."""

@@ -1,0 +1,1 @@
+"""Many runs: sweeps over grids and seeds, comparison tables and reports."""
