@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_tp.data.stream import load_sequences
-from dist_tp.data.examples import training_rows
 from dist_tp.algorithms.joint import rows_loss
+from dist_tp.data.examples import training_rows
+from dist_tp.data.stream import load_sequences
 from dist_tp.run.loop import load_run
 
 TABLES = ("item_emb.weight", "out_emb.weight", "out_bias")

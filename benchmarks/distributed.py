@@ -8,8 +8,8 @@ M·k·K windows per rank. Data-parallel joint training (DDP) all-reduces the ful
 per mini-batch of B windows per rank. Both move one model-sized buffer per exchange, so
 TP / DDP bytes per window = B / (M·k·K); with B = K (DDP stepping on the same per-rank
 mini-batch as one inner step) that is 1 / (k·M). The DDP figure is computed from the parameter count
-(joint training under DDP, ``dist_tp.algorithms.joint``, all-reduces every gradient once per step, plus
-one 8-byte window count); the TP figure is what the ranks actually sent.
+(joint training under DDP, ``dist_tp.algorithms.joint``, all-reduces every gradient once per
+step, plus one 8-byte window count); the TP figure is what the ranks actually sent.
 """
 
 from __future__ import annotations

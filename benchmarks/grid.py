@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from dist_tp.core.files import write_json, write_text
 from dist_tp.config import load_config
 from dist_tp.core.device import resolve_device
+from dist_tp.core.files import write_json, write_text
 from dist_tp.evaluation.evaluate import evaluate
-from dist_tp.tracking import make_tracker
 from dist_tp.run.loop import evaluate_run, load_run, run_training
+from dist_tp.tracking import make_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 

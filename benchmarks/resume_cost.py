@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from dist_tp.config import load_config
-from dist_tp.data.stream import open_prepared
 from dist_tp.algorithms.joint import JointStepper
+from dist_tp.config import load_config
 from dist_tp.core.seeding import seed_step
+from dist_tp.data.stream import open_prepared
 from dist_tp.run.loop import build
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_tp.algorithms.joint import batch_loss, batches
 from dist_tp.config import load_config
+from dist_tp.data.examples import training_rows
 from dist_tp.data.prepare import prepare
 from dist_tp.data.stream import UserStream, open_prepared, to_sequences
 from dist_tp.evaluation.evaluate import evaluate
-from dist_tp.data.examples import training_rows
-from dist_tp.algorithms.joint import batch_loss, batches
 from dist_tp.run.loop import build
 
 REPO = Path(__file__).resolve().parents[1]

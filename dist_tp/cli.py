@@ -194,9 +194,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from dist_tp.tracking.plots import experiment_figures
     from dist_tp.experiments.report import make_rows
     from dist_tp.tracking import log_figures
+    from dist_tp.tracking.plots import experiment_figures
 
     runs = _experiment_runs(args)
     paths = experiment_figures(runs, make_rows(runs), args.out)

@@ -18,12 +18,12 @@ import pytest
 import torch
 from test_distributed import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
-from dist_tp.parallel.comm import LocalComm
-from dist_tp.config import ConfigError, load_config
-from dist_tp.data.stream import load_sequences, open_prepared
-from dist_tp.data.examples import Rows, training_rows
 from dist_tp.algorithms.joint import JointStepper, batch_loss
+from dist_tp.config import ConfigError, load_config
+from dist_tp.data.examples import Rows, training_rows
+from dist_tp.data.stream import load_sequences, open_prepared
 from dist_tp.models import build_model
+from dist_tp.parallel.comm import LocalComm
 
 ZERO = {s: f"configs/deepspeed/zero{s}.json" for s in (0, 1, 2)}
 # DeepSpeed is installed by launch/setup.sh (CI runs these tests), which also compiles its

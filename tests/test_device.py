@@ -16,13 +16,13 @@ import torch
 from test_distributed import ENV, REPO, tiny_tp_args, torchrun_cmd
 from test_tp import _config, _setup, _uneven_batch
 
+from dist_tp.algorithms.joint import JointStepper
+from dist_tp.algorithms.tp.lanes import InnerLoop
 from dist_tp.config import ConfigError, load_config
 from dist_tp.core.device import module_device, resolve_device, to_device, warn_if_oversubscribed
-from dist_tp.parallel.distributed import choose_backend
 from dist_tp.evaluation.evaluate import evaluate
-from dist_tp.algorithms.joint import JointStepper
 from dist_tp.models import build_model
-from dist_tp.algorithms.tp.lanes import InnerLoop
+from dist_tp.parallel.distributed import choose_backend
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -115,8 +115,8 @@ def test_cuda_inner_loop_equals_cpu(backbone, loss, monkeypatch):
 def test_cuda_inner_loop_at_full_size_is_finite_and_equals_cpu(prepared, backbone):
     """The shipped model size (d = 64, L = 50) on real users, 4 lanes × k = 2 × K = 32: the
     fused GPU attention kernels once gave NaNs here under vmap."""
-    from dist_tp.data.stream import load_sequences, open_prepared
     from dist_tp.algorithms.tp.sampler import TaskSampler
+    from dist_tp.data.stream import load_sequences, open_prepared
 
     path = prepared("ml-100k")
     cfg = load_config(

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from dist_tp.algorithms.tp.sampler import TaskSampler
+from dist_tp.algorithms.tp.trainer import TPStepper
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
 from dist_tp.models import build_model
-from dist_tp.algorithms.tp.sampler import TaskSampler
-from dist_tp.algorithms.tp.trainer import TPStepper
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,8 +100,8 @@ def test_each_rank_loads_only_its_own_part(prepared):
     """``load_part`` reads all users' lengths, then only this rank's users: the sampler it
     returns is exactly the whole sampler's ``subset(partition(W)[rank])``, and the ranks'
     items add up to the whole."""
-    from dist_tp.data.stream import load_sequences
     from dist_tp.algorithms.tp.sampler import load_part
+    from dist_tp.data.stream import load_sequences
 
     path = prepared("ml-100k")
     whole = TaskSampler(load_sequences(path, roles=["existing"]), max_len=10)

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_tp.config import ConfigError, load_config
-from dist_tp.data.stream import UserSequences
-from dist_tp.models import build_model
 from dist_tp.algorithms.tp.discriminator import Discriminator, auc, grad_reverse
 from dist_tp.algorithms.tp.lanes import BucketCost, InnerLoop, plan_buckets
 from dist_tp.algorithms.tp.sampler import TaskSampler
 from dist_tp.algorithms.tp.trainer import TPStepper
+from dist_tp.config import ConfigError, load_config
+from dist_tp.data.stream import UserSequences
+from dist_tp.models import build_model
 from dist_tp.run.loop import run_training
 
 NUM_ITEMS = 30
@@ -237,7 +237,12 @@ def test_plan_buckets_covers_every_lane_once_and_splits_off_a_long_lane():
 
 @pytest.mark.parametrize("lanes", [5, 100, 300])
 def test_vectorised_bucket_split_equals_the_python_one(lanes):
-    from dist_tp.algorithms.tp.lanes import BUCKET_COSTS, DEFAULT_BUCKET_COST, _split_numpy, _split_python
+    from dist_tp.algorithms.tp.lanes import (
+        BUCKET_COSTS,
+        DEFAULT_BUCKET_COST,
+        _split_numpy,
+        _split_python,
+    )
 
     rng = np.random.default_rng(lanes)
     rows = rng.integers(1, 34, lanes)

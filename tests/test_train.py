@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dist_tp.algorithms.joint import rows_loss
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
-from dist_tp.data.stream import UserSequences, UserStream, load_sequences
 from dist_tp.data.examples import eval_queries, training_rows
-from dist_tp.algorithms.joint import rows_loss
+from dist_tp.data.stream import UserSequences, UserStream, load_sequences
 from dist_tp.models import build_model
 from dist_tp.run.loop import run_training
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import Config, ConfigError
-from dist_tp.data.stream import UserStream, to_sequences
 from dist_tp.core.device import module_device, to_device
-from dist_tp.data.examples import Rows, training_rows
 from dist_tp.core.seeding import seed_step
+from dist_tp.data.examples import Rows, training_rows
+from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.parallel.comm import LocalComm
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_tp.data.stream import UserStream, to_sequences
 from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import Queries, eval_queries
+from dist_tp.data.stream import UserStream, to_sequences
 from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores
 
 GROUPS = ("all", "head", "tail")

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from dist_tp.data.stream import open_prepared
 from dist_tp.core.device import module_device, to_device
+from dist_tp.data.stream import open_prepared
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dist_tp.parallel.comm import LocalComm
 from dist_tp.config import ConfigError
+from dist_tp.parallel.comm import LocalComm
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class _Surrogate(nn.Module):
 
 
 class EngineOuter:
-    """:class:`dist_tp.algorithms.tp.outer.OuterUpdate`'s interface, DeepSpeed hosting the outer Adam.
+    """The TP outer update's interface (``step(grads)``), DeepSpeed hosting the outer Adam.
 
     ``grads`` are aligned with the parameters of ``modules`` in order (the model's, then the
     discriminator's), which the modules themselves still hold as Θ after the inner loops.

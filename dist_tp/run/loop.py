@@ -1,6 +1,6 @@
-"""The run: build the model, fit it (joint epochs from ``dist_tp.algorithms.joint``, TP epochs from
-``dist_tp.algorithms.tp``), keep the best checkpoint, evaluate, and write the run folder (rank 0 writes;
-all ranks evaluate).
+"""The run: build the model, fit it (joint epochs from ``dist_tp.algorithms.joint``, TP
+epochs from ``dist_tp.algorithms.tp``), keep the best checkpoint, evaluate, and write the run
+folder (rank 0 writes; all ranks evaluate).
 
 Validation NDCG@10 after each epoch drives early stopping; the best model is kept and finally
 evaluated on the test targets of existing and new users.
@@ -23,14 +23,16 @@ import numpy as np
 import torch
 import yaml
 
+from dist_tp.algorithms.joint import JointStepper
+from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from dist_tp.core.device import module_device, resolve_device, to_device, warn_if_oversubscribed
 from dist_tp.core.files import (
     load_checkpoint,
     save_checkpoint,
     write_json,
     write_text,
 )
-from dist_tp.parallel.comm import LocalComm
-from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from dist_tp.data.examples import eval_queries
 from dist_tp.data.stream import (
     UserStream,
     concat_ranges,
@@ -38,11 +40,9 @@ from dist_tp.data.stream import (
     stream_sequences,
     to_sequences,
 )
-from dist_tp.core.device import module_device, resolve_device, to_device, warn_if_oversubscribed
 from dist_tp.evaluation.evaluate import evaluate
-from dist_tp.data.examples import eval_queries
-from dist_tp.algorithms.joint import JointStepper
 from dist_tp.models import Popularity, build_model
+from dist_tp.parallel.comm import LocalComm
 from dist_tp.tracking import (
     NullTracker,
     epoch_metrics,

@@ -38,8 +38,8 @@ try:
 except ImportError:  # not on Windows
     fcntl = None
 
-from dist_tp.core.files import write_json
 from dist_tp.config import ConfigError, flatten, to_dict
+from dist_tp.core.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import sys
 
 import torch
 
+from dist_tp.algorithms.joint import JointStepper
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.parallel.distributed import init_distributed, leave
-from dist_tp.algorithms.joint import JointStepper
 from dist_tp.models import build_model
+from dist_tp.parallel.distributed import init_distributed, leave
 
 path, out = sys.argv[1], sys.argv[2]
 comm = init_distributed()

@@ -7,11 +7,11 @@ import sys
 
 import torch
 
+from dist_tp.algorithms.tp.trainer import TPStepper
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
-from dist_tp.parallel.distributed import init_distributed, leave
 from dist_tp.models import build_model
-from dist_tp.algorithms.tp.trainer import TPStepper
+from dist_tp.parallel.distributed import init_distributed, leave
 
 path, out, lanes, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 extra = [a for a in sys.argv[5:] if not a.startswith("perturb=")]

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from dist_tp.core.device import module_device, to_device
 from dist_tp.algorithms.tp.discriminator import disc_loss, grad_reverse
 from dist_tp.algorithms.tp.sampler import LaneBatch
+from dist_tp.core.device import module_device, to_device
 
 ROW_PARAMS = ("item_emb.weight", "out_emb.weight", "out_bias")  # indexed by item id
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_tp.data.stream import UserSequences, load_sequences, read_lengths
 from dist_tp.data.examples import windows
+from dist_tp.data.stream import UserSequences, load_sequences, read_lengths
 
 
 @dataclass

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.parallel.comm import LocalComm, broadcast_module, check_replicas
-from dist_tp.config import Config, ConfigError
-from dist_tp.core.device import module_device
-from dist_tp.core.seeding import seed_step
 from dist_tp.algorithms.tp.discriminator import Discriminator, auc
 from dist_tp.algorithms.tp.lanes import InnerLoop
 from dist_tp.algorithms.tp.outer import OuterUpdate
 from dist_tp.algorithms.tp.sampler import TaskSampler, load_part
+from dist_tp.config import Config, ConfigError
+from dist_tp.core.device import module_device
+from dist_tp.core.seeding import seed_step
+from dist_tp.parallel.comm import LocalComm, broadcast_module, check_replicas
 
 log = logging.getLogger(__name__)
 
