@@ -5,6 +5,9 @@
 - :func:`head_tail_figure` (Fig. 5): HR@10 of head and tail users, per model;
 - :func:`sweep_figure` (Fig. 6 for ``k``, Fig. 7 for ``lambda_adv``): HR@10 against the swept
   TP parameter, mean ± std over seeds, for all and tail users, existing and new.
+
+The rows and runs come from :mod:`dist_tp.experiments.report` (``Row``, ``RunRecord``); this
+module reads only their attributes, so it imports nothing from the rooms above it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import re
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dist_tp.experiments.report import GROUPS, ROLES, Row, RunRecord, key_for
+from dist_tp.tracking.names import GROUPS, ROLES, key_for
+
+if TYPE_CHECKING:  # only for the annotations: the experiments room sits above this one
+    from dist_tp.experiments.report import Row, RunRecord
 
 
 def _plt():
