@@ -1,21 +1,24 @@
 #!/bin/bash
-# Many benchmarks/grid.py runs side by side on one GPU, under NVIDIA's MPS when it is there.
+# Many `dist-tp sweep` processes side by side on one GPU, under NVIDIA's MPS when it is there.
 #
 #   bash benchmarks/gpu_grid.sh JOBS [SECONDS]
 #
-# JOBS: one `grid.py run` argument list per line (blank lines and # comments skipped); each line
-# becomes one process with one CPU thread and train.device=cuda (or $DEVICE), logging to
-# ${LOGS:-gpu_grid_logs}/<line>.log. SECONDS (optional): stop every process then and evaluate
-# each unfinished run from its best checkpoint (`grid.py finish` on every --out of JOBS); a
-# stopped run goes on from its last.pt once its metrics*.json and STOPPED are deleted.
+# JOBS: one `dist-tp sweep` argument list per line, `CONFIG [key=value ...] [options]` (blank
+# lines and # comments skipped); each line becomes one sweep process whose runs have one CPU
+# thread each and train.device=cuda (or $DEVICE), logging to ${LOGS:-gpu_grid_logs}/<line>.log.
+# Every finished run is also evaluated without the history mask (metrics_nohist.json).
+# SECONDS (optional): stop every process then (SIGTERM: each training keeps its last.pt and
+# best checkpoint.pt). At the end `dist-tp finish` evaluates every unfinished run of each --out
+# of JOBS from its best checkpoint, and `dist-tp table --mean` prints each --out. A stopped run
+# goes on from its last.pt once its metrics*.json and STOPPED are deleted (run its line again).
 # MPS lets the processes' kernels run at once instead of taking turns (README, "CPU or GPU").
 set -u
 JOBS=${1:?usage: gpu_grid.sh JOBS [SECONDS]}
 SECONDS_LEFT=${2:-0}
-HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu tries a jobs file without a GPU
 LOGS=${LOGS:-gpu_grid_logs}
+NOHIST='nohist eval.exclude_history=false'
 mkdir -p "$LOGS"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 if [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && command -v nvidia-cuda-mps-control >/dev/null; then
@@ -38,11 +41,12 @@ while read -r line; do
   n=$((n + 1))
   read -ra args <<< "$line"
   for i in "${!args[@]}"; do [ "${args[$i]}" = --out ] && roots+=("${args[$((i + 1))]}"); done
-  "${limit[@]}" $PY "$HERE/grid.py" run "${args[@]}" --threads 1 --override train.device=$DEVICE \
-    > "$LOGS/$n.log" 2>&1 &
+  # the config, then this script's overrides, then the line's overrides and options
+  "${limit[@]}" $PY -m dist_tp sweep "${args[0]}" train.threads=1 train.device="$DEVICE" \
+    "${args[@]:1}" --extra-eval "$NOHIST" > "$LOGS/$n.log" 2>&1 &
 done < "$JOBS"
 echo "$n processes started"
 wait
 for root in $(printf '%s\n' "${roots[@]}" | sort -u); do
-  $PY "$HERE/grid.py" finish "$root" && $PY "$HERE/grid.py" summary "$root"
+  $PY -m dist_tp finish "$root" --extra-eval "$NOHIST" && $PY -m dist_tp table --mean "$root"
 done

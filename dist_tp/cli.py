@@ -1,5 +1,5 @@
 """The ``dist-tp`` command line: prepare, stats, train, evaluate, recommend, table, mlflow-sync,
-compare, sweep, plot.
+compare, sweep, finish, plot.
 
 Every user-facing failure (bad data, bad config) ends as one ``error: ...`` line on stderr and
 exit status 2 — never a traceback from deep inside.
@@ -172,12 +172,37 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_runs(args: argparse.Namespace) -> list:
-    from dist_tp.experiments.report import load_runs
+def _split(values: list[str] | None) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
-    runs = load_runs(args.experiment, args.uri or "")
+
+def _experiment_runs(args: argparse.Namespace, *, epochs: bool = False) -> list:
+    """The finished runs of ``--experiment`` (MLflow) or of the run folders given, less those
+    ``--where`` leaves out."""
+    if bool(args.experiment) == bool(args.runs):
+        raise ConfigError("give run folders (or folders above them), or --experiment NAME")
+    if args.experiment:
+        from dist_tp.experiments.report import load_runs
+
+        runs = load_runs(args.experiment, args.uri or "", epochs=epochs)
+        if not runs:
+            raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+    else:
+        from dist_tp.experiments.folders import load_folders
+
+        runs = load_folders(args.runs)
+    for spec in args.where or []:
+        key, sep, value = spec.partition("=")
+        if not sep:
+            raise ConfigError(f"--where {spec!r} is not of the form key=value")
+        wanted = {value, *value.split(",")}  # a,b: either
+        if key in ("dataset", "backbone", "method", "seed"):
+            runs = [r for r in runs if str(getattr(r, key)) in wanted]
+        else:
+            runs = [r for r in runs if r.params.get(key) in wanted]
     if not runs:
-        raise ConfigError(f"experiment {args.experiment!r} has no finished training runs")
+        raise ConfigError(f"no finished run has {' and '.join(args.where)}")
     return runs
 
 
@@ -185,7 +210,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from dist_tp.experiments.report import compare_tables, make_rows, write_csv
 
     runs = _experiment_runs(args)
-    text, records = compare_tables(make_rows(runs), args.metric or ["HR@10", "NDCG@10"])
+    rows = make_rows(runs, _split(args.ignore))
+    text, records = compare_tables(rows, args.metric or ["HR@10", "NDCG@10"])
     print(text)
     if args.csv:
         write_csv(args.csv, records)
@@ -199,18 +225,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from dist_tp.tracking.plots import experiment_figures
 
     runs = _experiment_runs(args)
-    paths = experiment_figures(runs, make_rows(runs), args.out)
+    paths = experiment_figures(runs, make_rows(runs, _split(args.ignore)), args.out)
     for path in paths:
         print(path)
-    if paths and not args.no_log:
+    if paths and args.experiment and not args.no_log:
         run_id = log_figures(args.experiment, paths, args.uri or "")
         print(f"logged as artifacts of MLflow run {run_id} ('plots')")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from dist_tp.experiments.folders import parse_extra_eval
     from dist_tp.experiments.sweep import execute, plan
 
+    extras = [parse_extra_eval(text) for text in args.extra_eval or []]
     experiment = args.experiment or f"{Path(args.config).stem}-sweep"
     out = args.out or f"runs/sweep/{experiment}"
     runs = plan(
@@ -221,12 +249,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         experiment=experiment,
         overrides=args.overrides,
     )
-    status = execute(args.config, runs, parallel=args.parallel)
+    status = execute(args.config, runs, parallel=args.parallel, extras=extras)
     for name, result in status.items():
         print(f"{name}: {result}")
-    failed = [n for n, r in status.items() if r.startswith("failed")]
+    failed = [n for n, r in status.items() if "failed" in r or r.startswith(("stopped", "not"))]
     print(f"{len(status) - len(failed)}/{len(status)} runs done; experiment {experiment!r}")
     return 1 if failed else 0
+
+
+def cmd_finish(args: argparse.Namespace) -> int:
+    from dist_tp.experiments.folders import finish, parse_extra_eval
+
+    extras = [parse_extra_eval(text) for text in args.extra_eval or []]
+    status = finish(args.runs, extras)
+    for folder, result in status.items():
+        print(f"{folder}: {result}")
+    return 1 if any(r.startswith("failed") for r in status.values()) else 0
 
 
 def _read_sequences(source: str) -> list[list[str]]:
@@ -273,14 +311,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import json
 
+    from dist_tp.experiments.folders import run_folders
+
+    if args.mean + args.pairs + (args.reference is not None) > 1:
+        raise ConfigError("choose one of --mean, --pairs and --reference")
+    if args.mean or args.pairs or args.reference is not None:
+        return _seed_table(args)
+    if args.experiment:
+        raise ConfigError(
+            "--experiment makes tables over seeds: add --mean, --pairs or --reference"
+        )
+    if not args.runs:
+        raise ConfigError("give run folders (with metrics.json), or folders above them")
     rows = []
-    for run in args.runs:
-        path = Path(run) / "metrics.json"
-        try:
-            metrics = json.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-        rows.append((run, metrics))
+    for given in args.runs:
+        for folder in run_folders([given], finished=True):
+            path = folder / "metrics.json"
+            try:
+                metrics = json.loads(path.read_text())
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+            rows.append((given if folder == Path(given) else str(folder), metrics))
     k = args.k
     head = (
         f"| run | existing HR@{k} | NDCG@{k} | tail HR@{k} | new HR@{k} | NDCG@{k} | tail HR@{k} |"
@@ -299,6 +350,59 @@ def cmd_table(args: argparse.Namespace) -> int:
         ]
         print(f"| {run} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     return 0
+
+
+def _seed_table(args: argparse.Namespace) -> int:
+    """``dist-tp table --mean|--pairs|--reference``: tables over seeds, from run folders or
+    from an MLflow experiment (one implementation, :mod:`dist_tp.experiments.tables`)."""
+    from dist_tp.experiments.report import make_rows
+    from dist_tp.experiments.tables import (
+        PRESETS,
+        default_columns,
+        mean_table,
+        pairs_table,
+        parse_columns,
+        reference_table,
+    )
+
+    runs = _experiment_runs(args, epochs=True)
+    rows = make_rows(runs, _split(args.ignore))
+    columns = parse_columns(_split(args.column)) if args.column else None
+    if args.mean:
+        print(mean_table(rows, columns or default_columns(runs, "summary")))
+    elif args.pairs:
+        print(pairs_table(rows, columns or PRESETS["pairs"]))
+    else:
+        print(reference_table(rows, columns or PRESETS["main"], args.reference))
+    return 0
+
+
+def _add_sources(p: argparse.ArgumentParser, *, folders: str) -> None:
+    """Runs from folders or from MLflow, and which of them make a model."""
+    p.add_argument("runs", nargs="*", help=folders)
+    p.add_argument("--experiment", help="read the finished runs of this MLflow experiment instead")
+    p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)")
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only runs with this config value (train.loss=ce) or dataset/backbone/method/seed; "
+        "a,b: either (repeatable: all of them)",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        metavar="KEY",
+        help="runs that differ only in these config keys (train.epochs,train.patience) are one "
+        "model; of two runs with one seed, the first found is kept (repeatable)",
+    )
+
+
+_EXTRA_EVAL = (
+    "also evaluate each finished run's best checkpoint with other eval.* settings into "
+    "RUN/metrics_TAG.json, once: 'TAG KEY=VALUE ...', e.g. "
+    "'nohist eval.exclude_history=false' (repeatable)"
+)
 
 
 def format_metrics(metrics: dict, ks: tuple[int, ...] | None = None) -> str:
@@ -355,9 +459,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("table", help="test metrics of run folders side by side")
-    p.add_argument("runs", nargs="+", help="run folders (with metrics.json)")
-    p.add_argument("--k", type=int, default=10)
+    p = sub.add_parser(
+        "table",
+        help="test metrics of run folders side by side; with --mean, --pairs or --reference, "
+        "tables over seeds from run folders or an MLflow experiment",
+    )
+    _add_sources(p, folders="run folders (with metrics.json), or folders above them")
+    p.add_argument("--k", type=int, default=10, help="N of the per-run table (default 10)")
+    p.add_argument("--mean", action="store_true", help="every model: mean ± std over seeds")
+    p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="each -TP model beside its backbone over shared seeds: change and paired p",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="every model against this one (a label of the --mean table, e.g. 'SASRec-TP k=2')",
+    )
+    p.add_argument(
+        "--column",
+        action="append",
+        help="[SPLIT/]ROLE/GROUP/METRIC (new/tail/HR@10, nohist/existing/all/HR@10) or a "
+        "preset: summary, pairs, main, groups (repeatable, or comma-separated)",
+    )
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("evaluate", help="recompute metrics.json from a saved run")
@@ -389,27 +514,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", help="tracking URI (default: the one the run started with)")
     p.set_defaults(func=cmd_mlflow_sync)
 
-    p = sub.add_parser("compare", help="Table 3 and the head/tail breakdown from MLflow runs")
-    p.add_argument("--experiment", required=True)
+    p = sub.add_parser(
+        "compare", help="Table 3 and the head/tail breakdown, from MLflow or run folders"
+    )
+    _add_sources(p, folders="run folders, or folders above them (instead of --experiment)")
     p.add_argument("--metric", action="append", help="HR@10, NDCG@10, HR@20, ... (repeatable)")
     p.add_argument("--csv", help="also write the long-format table here")
-    p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="a grid of runs x seeds into one MLflow experiment")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     p.add_argument("--grid", action="append", help="key=v1,v2,... (repeatable: the product)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every grid point")
+    p.add_argument(
+        "--seeds",
+        default="3",
+        help="for every grid point: N (seeds 0..N-1, default 3), a list (1,2) or a range (3-5)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--experiment", help="MLflow experiment (default: <config>-sweep)")
     p.add_argument("--out", help="runs go to OUT/<name> (default: runs/sweep/<experiment>)")
+    p.add_argument("--extra-eval", action="append", metavar="'TAG KEY=VALUE ...'", help=_EXTRA_EVAL)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("plot", help="the paper's figures from an MLflow experiment")
-    p.add_argument("--experiment", required=True)
+    p = sub.add_parser(
+        "finish",
+        help="runs stopped from outside (a deadline, a kill): evaluate their best checkpoints",
+    )
+    p.add_argument("runs", nargs="+", help="run folders, or folders above them")
+    p.add_argument("--extra-eval", action="append", metavar="'TAG KEY=VALUE ...'", help=_EXTRA_EVAL)
+    p.set_defaults(func=cmd_finish)
+
+    p = sub.add_parser("plot", help="the paper's figures from an MLflow experiment or run folders")
+    _add_sources(p, folders="run folders, or folders above them (instead of --experiment)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
-    p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)")
     p.add_argument("--no-log", action="store_true", help="do not log the figures to MLflow")
     p.set_defaults(func=cmd_plot)
     return parser

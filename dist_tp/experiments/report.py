@@ -1,7 +1,8 @@
 """The paper's comparisons from tracked runs: Table 3 (backbone vs backbone-TP, mean ± std over
 seeds, relative change, paired test across seeds) and the head/tail breakdown of Figure 5.
 
-Runs are read from MLflow (finished runs tagged ``dist_tp.kind=train``) into plain
+Runs are read from MLflow (finished runs tagged ``dist_tp.kind=train``, :func:`load_runs`) or
+from run folders (:func:`dist_tp.experiments.folders.load_folders`) into the same plain
 :class:`RunRecord` values; everything after that is plain Python, so it is tested without a
 server. A *row* of a table is one model configuration: backbone, method, and the parameters
 that vary between that model's runs other than the seed (a sweep's ``k=3 lambda_adv=0.1``).
@@ -17,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_tp.config import ConfigError
-from dist_tp.tracking import KIND_TAG, metric_key, open_client, resolve_uri
+from dist_tp.tracking import GROUPS, KIND_TAG, ROLES, key_for, open_client, resolve_uri
 
 DISPLAY = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser", "pop": "Pop"}
 BACKBONE_ORDER = ["gru4rec", "caser", "sasrec", "pop"]
-ROLES = ("existing", "new")
-GROUPS = ("head", "tail")
+# ROLES, GROUPS and key_for live in dist_tp.tracking.names (the figures use them too)
 # parameters that never make two runs different models
 IGNORED_PARAMS = {
     "train.seed",
     "data.path",
     "train.progress",
     "train.threads",
+    "train.device",
     "train.checkpoint_every",
     "tp.check_replicas_every",
     "eval.batch_size",
@@ -44,6 +45,7 @@ class RunRecord:
     seed: int
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    epochs: int | None = None  # epochs trained (None: not asked for, or nothing trained)
 
 
 @dataclass
@@ -70,8 +72,9 @@ class Row:
         return {r.seed: r.metrics[key] for r in self.runs if key in r.metrics}
 
 
-def load_runs(experiment: str, uri: str = "") -> list[RunRecord]:
-    """Finished training runs of an MLflow experiment."""
+def load_runs(experiment: str, uri: str = "", *, epochs: bool = False) -> list[RunRecord]:
+    """Finished training runs of an MLflow experiment, oldest first; ``epochs``: also count
+    each run's epochs (one more query per run)."""
     uri = resolve_uri(uri)
     client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -84,6 +87,7 @@ def load_runs(experiment: str, uri: str = "") -> list[RunRecord]:
             [exp.experiment_id],
             filter_string=f"tags.`{KIND_TAG}` = 'train' and attributes.status = 'FINISHED'",
             max_results=1000,
+            order_by=["attributes.start_time ASC"],
             page_token=token,
         )
         for run in page:
@@ -97,6 +101,7 @@ def load_runs(experiment: str, uri: str = "") -> list[RunRecord]:
                     seed=int(tags.get("seed", params.get("train.seed", 0))),
                     params=dict(params),
                     metrics=dict(run.data.metrics),
+                    epochs=_epochs(client, run.info.run_id) if epochs else None,
                 )
             )
         token = page.token
@@ -105,26 +110,34 @@ def load_runs(experiment: str, uri: str = "") -> list[RunRecord]:
     return records
 
 
-def make_rows(runs: list[RunRecord]) -> list[Row]:
+def _epochs(client, run_id: str) -> int | None:
+    """Epochs a tracked run trained: its last per-epoch step + 1 (None for popularity)."""
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    return max(steps) + 1 if steps else None
+
+
+def make_rows(runs: list[RunRecord], ignore: tuple[str, ...] | list[str] = ()) -> list[Row]:
     """Group runs into rows: (dataset, backbone, method) and the parameters that vary within
-    that group (besides the seed) name the variant. Ordered like the paper's tables."""
+    that group (besides the seed, and the keys in ``ignore``) name the variant. A row keeps
+    one run per seed, the first given. Ordered like the paper's tables."""
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in runs:
         groups[(r.dataset, r.backbone, r.method)].append(r)
     rows = []
+    ignored = IGNORED_PARAMS | set(ignore)
     for (dataset, backbone, method), members in groups.items():
-        keys = sorted({k for r in members for k in r.params} - IGNORED_PARAMS)
+        keys = sorted({k for r in members for k in r.params} - ignored)
         varying = [
             k
             for k in keys
             if len({r.params.get(k) for r in members}) > 1 and not k.startswith("track.")
         ]
-        by_variant: dict[str, list[RunRecord]] = defaultdict(list)
+        by_variant: dict[str, dict[int, RunRecord]] = defaultdict(dict)
         for r in members:
             name = " ".join(f"{k.split('.')[-1]}={r.params.get(k)}" for k in varying)
-            by_variant[name].append(r)
+            by_variant[name].setdefault(r.seed, r)
         for variant, vruns in by_variant.items():
-            rows.append(Row(dataset, backbone, method, variant, sorted(vruns, key=_seed)))
+            rows.append(Row(dataset, backbone, method, variant, sorted(vruns.values(), key=_seed)))
 
     def order(row: Row) -> tuple:
         rank = BACKBONE_ORDER.index(row.backbone) if row.backbone in BACKBONE_ORDER else 99
@@ -148,15 +161,28 @@ def _natural(text: str) -> tuple:
     return tuple(parts)
 
 
+def fixed_params(row: Row) -> dict[str, str]:
+    """The parameters every run of a row shares."""
+    first, *rest = row.runs
+    return {k: v for k, v in first.params.items() if all(r.params.get(k) == v for r in rest)}
+
+
 def baseline_of(row: Row, rows: list[Row]) -> Row | None:
-    """The joint backbone a TP row is compared with (same dataset and backbone)."""
+    """The joint backbone a TP row is compared with (same dataset and backbone). Of several
+    joint rows, the one that agrees with the TP row on most of the parameters telling them
+    apart (``train.loss``, say), then the one without a variant, then the first."""
     if row.method != "tp":
         return None
     key = (row.dataset, row.backbone, "joint")
     joint = [r for r in rows if (r.dataset, r.backbone, r.method) == key]
-    if not joint:
-        return None
-    return next((r for r in joint if not r.variant), joint[0])
+    if len(joint) < 2:
+        return joint[0] if joint else None
+    fixed = [fixed_params(j) for j in joint]
+    telling = {k for f in fixed for k in f if len({g.get(k) for g in fixed}) > 1}
+    mine = fixed_params(row)
+    distance = [sum(mine.get(k) != f.get(k) for k in telling) for f in fixed]
+    best = min(range(len(joint)), key=lambda i: (distance[i], bool(joint[i].variant)))
+    return joint[best]
 
 
 @dataclass
@@ -171,6 +197,12 @@ class Cell:
         if self.n == 1:
             return f"{self.mean:.4f} (1)"
         return f"{self.mean:.4f} ± {self.std:.4f} ({self.n})"
+
+    def plain(self) -> str:
+        """Without the seed count: ``0.1301 ± 0.0050``, or ``0.0310`` for one seed."""
+        if self.n == 0:
+            return "-"
+        return f"{self.mean:.4f}" + (f" ± {self.std:.4f}" if self.n > 1 else "")
 
 
 def cell(values: list[float]) -> Cell:
@@ -195,6 +227,13 @@ class Change:
         p = "n/a" if self.p_value is None else f"{self.p_value:.3f}"
         return f"{self.relative:+.1%} (p={p}, {self.pairs} pairs)"
 
+    def short(self) -> str:
+        """``+2.6%, p 0.60`` (no p without a test)."""
+        if math.isnan(self.relative):
+            return "-"
+        p = "" if self.p_value is None else f", p {self.p_value:.2f}"
+        return f"{self.relative:+.1%}{p}"
+
 
 def change(tp: dict[int, float], base: dict[int, float]) -> Change:
     if not tp or not base:
@@ -210,10 +249,6 @@ def change(tp: dict[int, float], base: dict[int, float]) -> Change:
 
             p = float(stats.ttest_rel([tp[s] for s in seeds], [base[s] for s in seeds]).pvalue)
     return Change(rel, p, len(seeds))
-
-
-def key_for(role: str, group: str, metric: str) -> str:
-    return f"test/{role}/{group}/{metric_key(metric)}"
 
 
 def compare_tables(rows: list[Row], metrics: list[str]) -> tuple[str, list[dict]]:
