@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from dist_tp.algorithms.tp.lanes import BUCKET_COSTS, VECTOR_DP_FROM, _split_numpy, _split_python
+from dist_tp.algorithms.tp.lanes import BUCKET_COSTS, VECTOR_DP_FROM, split_numpy, split_python
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -38,14 +38,14 @@ def measure(lanes: int, repeats: int, seed: int = 0) -> dict:
     order = np.lexsort((np.arange(lanes), cols, rows))
     rows, cols = rows[order], cols[order]
     cost = BUCKET_COSTS["SASRec"]
-    py_cost, _ = _split_python(rows, cols, cost)
-    np_cost, _ = _split_numpy(rows, cols, cost)
+    py_cost, _ = split_python(rows, cols, cost)
+    np_cost, _ = split_numpy(rows, cols, cost)
     if not np.isclose(py_cost, np_cost, rtol=1e-9):
         raise AssertionError(f"{lanes} lanes: python {py_cost} != numpy {np_cost}")
     return {
         "lanes": lanes,
-        "python_ms": _median_ms(lambda: _split_python(rows, cols, cost), repeats),
-        "numpy_ms": _median_ms(lambda: _split_numpy(rows, cols, cost), repeats),
+        "python_ms": _median_ms(lambda: split_python(rows, cols, cost), repeats),
+        "numpy_ms": _median_ms(lambda: split_numpy(rows, cols, cost), repeats),
         "used": "numpy" if lanes > VECTOR_DP_FROM else "python",
     }
 

@@ -32,7 +32,7 @@ def main() -> None:
         for step in range(1, args.repeats + 1):
             tracker.log_metrics(values, step=step)
         batched = (time.perf_counter() - t0) / args.repeats
-        client = tracker._delivery.client
+        client = tracker.client
         t0 = time.perf_counter()
         for step in range(1, args.repeats + 1):
             for key, value in values.items():

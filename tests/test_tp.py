@@ -240,16 +240,16 @@ def test_vectorised_bucket_split_equals_the_python_one(lanes):
     from dist_tp.algorithms.tp.lanes import (
         BUCKET_COSTS,
         DEFAULT_BUCKET_COST,
-        _split_numpy,
-        _split_python,
+        split_numpy,
+        split_python,
     )
 
     rng = np.random.default_rng(lanes)
     rows = rng.integers(1, 34, lanes)
     cols = np.where(rng.random(lanes) < 0.3, 50, rng.integers(1, 51, lanes))  # ties included
     for cost in [*BUCKET_COSTS.values(), DEFAULT_BUCKET_COST, BucketCost(call=0.0)]:
-        total, cut = _split_python(rows, cols, cost)
-        assert _split_numpy(rows, cols, cost) == (total, cut)
+        total, cut = split_python(rows, cols, cost)
+        assert split_numpy(rows, cols, cost) == (total, cut)
     many = plan_buckets(rows, cols, BUCKET_COSTS["SASRec"])  # numpy above VECTOR_DP_FROM (32) lanes
     assert sorted(np.concatenate([m for m, _, _ in many]).tolist()) == list(range(lanes))
 

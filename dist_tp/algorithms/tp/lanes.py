@@ -77,7 +77,7 @@ def plan_buckets(
         np.lexsort((index, rows, cols)),
         np.lexsort((index, rows * cols)),
     ]
-    split = _split_python if lanes <= VECTOR_DP_FROM else _split_numpy
+    split = split_python if lanes <= VECTOR_DP_FROM else split_numpy
     best, best_plan = float("inf"), None
     for order in orders:
         value, cut = split(rows[order], cols[order], cost)
@@ -99,7 +99,7 @@ Python 0.05 / 0.17 / 0.66 / 14 / 206 ms at M = 16 / 32 / 64 / 256 / 1024 lanes, 
 0.11 / 0.21 / 0.42 / 2.1 / 11 ms."""
 
 
-def _split_python(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple[float, list]:
+def split_python(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple[float, list]:
     """Least total cost of cutting lanes (in this order) into consecutive buckets:
     (cost, cut), ``cut[j]`` the start of the last bucket of the first j lanes."""
     r, c = rows.tolist(), cols.tolist()
@@ -116,8 +116,8 @@ def _split_python(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple
     return total[lanes], cut
 
 
-def _split_numpy(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple[float, list]:
-    """``_split_python`` with each j's candidates evaluated at once; ties go to the latest
+def split_numpy(rows: np.ndarray, cols: np.ndarray, cost: BucketCost) -> tuple[float, list]:
+    """``split_python`` with each j's candidates evaluated at once; ties go to the latest
     start, as there, and the arithmetic is the same, so the plans are identical."""
     lanes = len(rows)
     rows, cols = rows.astype(np.int64), cols.astype(np.int64)
