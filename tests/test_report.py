@@ -103,6 +103,7 @@ def test_parallel_gpu_runs_without_mps_get_the_advice(tmp_path, monkeypatch):
     assert gpu_sharing_hint(str(TINY), gpu, 4) is None
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     """Four processes make the same fresh store and experiment at the same moment (a sweep's
     children, or runs started by hand): the store's lock lets one create the tables."""
@@ -146,6 +147,7 @@ def test_a_lost_create_race_reuses_the_other_process_experiment():
     assert ensure_experiment(Client(), "x") == "7"
 
 
+@pytest.mark.slow
 def test_sweep_compare_and_plot_on_real_runs(prepared, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     from scipy import stats

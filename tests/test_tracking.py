@@ -56,6 +56,7 @@ def assert_store_has_spool(c, run_id: str, folder: Path) -> None:
         assert got == steps, key
 
 
+@pytest.mark.slow
 def test_train_logs_params_tags_metrics_and_artifacts(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     out = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_train_logs_params_tags_metrics_and_artifacts(prepared, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_mlflow_run(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     out = tmp_path / "run"
@@ -113,6 +115,7 @@ def test_resumed_run_continues_the_same_mlflow_run(prepared, tmp_path):
     assert len(c.search_runs([exp.experiment_id])) == 2
 
 
+@pytest.mark.slow
 def test_unreachable_server_spools_and_sync_replays(prepared, tmp_path, caplog):
     dead = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "run"
@@ -213,6 +216,7 @@ def server(tmp_path):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_logs_a_real_run_over_http(prepared, tmp_path, server):
     out = tmp_path / "run"
     args = [f"data.path={prepared('ml-100k')}", f"track.uri={server.uri}", "train.epochs=1"]
@@ -224,6 +228,7 @@ def test_logs_a_real_run_over_http(prepared, tmp_path, server):
     assert Spool(out).state()["delivered"] == len(Spool(out).events())
 
 
+@pytest.mark.slow
 def test_server_dies_mid_run_then_sync_completes_the_run(prepared, tmp_path, server):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dist_tp", "train", str(TINY), f"data.path={prepared('ml-100k')}",
@@ -253,6 +258,7 @@ def test_server_dies_mid_run_then_sync_completes_the_run(prepared, tmp_path, ser
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed_and_resume_finishes_it(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     out = tmp_path / "run"
@@ -289,3 +295,22 @@ def test_sigterm_marks_the_run_killed_and_resume_finishes_it(prepared, tmp_path)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(epochs))
+
+
+def test_a_finished_run_reopens_to_add_figures_and_the_client_is_public(tmp_path):
+    """What ``dist-tp sweep --extra-eval`` and ``dist-tp finish`` do after training: reopen a
+    run folder's tracker and add to its MLflow run, through the spool."""
+    from dist_tp.tracking import Tracker, reopen
+
+    uri = f"sqlite:///{tmp_path}/store.db"
+    tracker = Tracker(tmp_path / "run", uri=uri, experiment="again")
+    tracker.start(run_name="r", params={"a": 1}, tags={})
+    tracker.finish()
+    assert tracker.client.tracking_uri == uri  # the benchmark's handle on the store
+    again = reopen(tmp_path / "run")
+    assert again.run_id == tracker.run_id and again.experiment == "again"
+    again.log_metrics({"nohist/existing/all/HR_10": 0.5}, step=0)
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.metrics["nohist/existing/all/HR_10"] == 0.5
+    assert run.info.status == "FINISHED"
+    assert reopen(tmp_path / "untracked") is None
