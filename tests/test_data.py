@@ -285,7 +285,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep_mod.pq, "write_table", failing)
     path = _write(tmp_path, "r.dat", "\n".join(_synthetic_lines()))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="cannot write the prepared folder: disk full"):
         prepare(
             input_path=path,
             fmt="ml-1m",

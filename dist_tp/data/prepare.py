@@ -7,10 +7,12 @@ no-op (the source fingerprint and options are compared) unless ``force``.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +47,8 @@ USER_SCHEMA = pa.schema(
 
 
 def _id_array(ids: np.ndarray) -> pa.Array:
+    if ids.dtype == np.uint64:  # ids >= 2**63: kept exact, never wrapped to int64
+        return pa.array(ids, type=pa.uint64())
     if ids.dtype.kind in "iu":
         return pa.array(ids.astype(np.int64))
     return pa.array([str(x) for x in ids], type=pa.string())
@@ -103,9 +107,107 @@ def write_items(prep: Prepared, out: Path) -> None:
 
 def _existing_meta(output: Path) -> dict | None:
     try:
-        return json.loads((output / "meta.json").read_text())
+        meta = json.loads((output / "meta.json").read_text())
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_prepared(folder: Path) -> bool:
+    """Whether ``folder`` holds a prepared dataset: a ``meta.json`` with a format version."""
+    meta = _existing_meta(folder) if folder.is_dir() else None
+    return meta is not None and isinstance(meta.get("format_version"), int)
+
+
+class OutputLocked(DataError):
+    """Another ``prepare`` is writing the same output."""
+
+
+class _OutputLock:
+    """An exclusive lock on ``output``: ``fcntl.flock`` on ``.<name>.lock`` beside it, removed
+    on release (a lock file left by a killed run is taken over, and removed, by the next).
+
+    Taking it is also the check that the output's folder is writable, done before any input
+    is read. A second holder is refused at once with one line."""
+
+    def __init__(self, output: Path, shown: str) -> None:
+        self.path = output.parent / f".{output.name}.lock"
+        self.shown = shown
+        self.fd: int | None = None
+
+    def __enter__(self) -> _OutputLock:
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _unwritable(self.path.parent, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputLocked(
+                    f"{self.shown}: another 'dist-tp prepare' "
+                    f"(pid {holder}) is writing it; wait for it to finish"
+                ) from None
+            try:  # the file may have been removed by the holder we waited for: lock anew
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink()  # while still holding the lock: see __enter__
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _unwritable(folder: Path, exc: OSError) -> DataError:
+    return DataError(f"{folder}: cannot write here: {exc.strerror or exc}")
+
+
+def _make_parent(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; the folders made, deepest first."""
+    made = []
+    folder = parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+    return made
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder of our own making, read-only parts included."""
+    if not os.path.lexists(path):
+        return
+    root = os.path.abspath(path)
+
+    def retry(func, name, _exc) -> None:
+        parent = os.path.dirname(name)
+        if parent == root or parent.startswith(root + os.sep):  # never outside the tree
+            try:
+                os.chmod(parent, 0o700)
+                func(name)
+            except OSError:
+                pass
+
+    shutil.rmtree(path, onerror=retry)
 
 
 def prepare(
@@ -120,14 +222,91 @@ def prepare(
     row_group_size: int = 1024,
     force: bool = False,
     dataset: str | None = None,
+    encoding: str = "utf-8",
 ) -> dict:
-    """Prepare one dataset; returns the written (or already present) ``meta.json`` content."""
-    output = Path(output)
+    """Prepare one dataset; returns the written (or already present) ``meta.json`` content.
+
+    ``output`` must be absent, an empty folder, or a prepared folder (replaced only with
+    ``force``, or left as it is when made from the same input and options); anything else is
+    refused. Before the input is read the output's folder is locked (a second run into the
+    same output is refused) and found writable. Errors are :class:`DataError` (one line)."""
+    shown = str(output)
+    output = Path(os.path.abspath(output))
     options = options or ProtocolOptions()
     if num_shards < 1 or row_group_size < 1:
         raise DataError("--shards and --row-group-size must be >= 1")
+    check_output(shown)
+    made = _make_parent(output.parent)
+    try:
+        with _OutputLock(output, shown):
+            return _prepare_locked(
+                input_path=input_path,
+                fmt=fmt,
+                output=output,
+                shown=shown,
+                options=options,
+                columns=columns,
+                on_bad_lines=on_bad_lines,
+                num_shards=num_shards,
+                row_group_size=row_group_size,
+                force=force,
+                dataset=dataset,
+                encoding=encoding,
+            )
+    except BaseException:
+        for folder in made:  # the folders made for the output, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def check_output(output: str | Path) -> None:
+    """Refuse an ``output`` that ``prepare`` must not replace (a file, a folder that is not a
+    prepared dataset) or cannot write to, before any input is read (or downloaded)."""
+    shown, output = str(output), Path(os.path.abspath(output))
+    if output == output.parent:
+        raise DataError(f"{shown}: cannot write a prepared folder in place of the root folder")
+    if output.exists() and not (is_prepared(output) or _is_empty_dir(output)):
+        what = "a folder" if output.is_dir() else "a file"
+        raise DataError(
+            f"{shown}: {what} that is not a prepared dataset (no meta.json with a format "
+            "version) is there; give another --output, or remove it yourself"
+        )
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot write here: Permission denied or read-only")
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _prepare_locked(
+    *,
+    input_path: str,
+    fmt: str,
+    output: Path,
+    shown: str,
+    options: ProtocolOptions,
+    columns: dict[str, str] | None,
+    on_bad_lines: str,
+    num_shards: int,
+    row_group_size: int,
+    force: bool,
+    dataset: str | None,
+    encoding: str,
+) -> dict:
     started = time.perf_counter()
-    raw = read_interactions(input_path, fmt, columns=columns, on_bad_lines=on_bad_lines)
+    raw = read_interactions(
+        input_path, fmt, columns=columns, on_bad_lines=on_bad_lines, encoding=encoding
+    )
     settings = {
         "format": fmt,
         "columns": columns,
@@ -136,17 +315,16 @@ def prepare(
         "row_group_size": row_group_size,
         **options.to_dict(),
     }
+    if codecs.lookup(encoding).name != "utf-8":
+        settings["encoding"] = encoding  # absent for UTF-8: older folders stay up to date
     previous = _existing_meta(output)
-    if output.exists() and not force:
-        if (
-            previous
-            and previous["source"]["sha256"] == raw.sha256
-            and previous["options"] == settings
-        ):
-            log.info("%s is up to date (same input and options); nothing to do", output)
+    if is_prepared(output) and not force:
+        source = previous.get("source") or {}
+        if source.get("sha256") == raw.sha256 and previous.get("options") == settings:
+            log.info("%s is up to date (same input and options); nothing to do", shown)
             return previous
         raise DataError(
-            f"{output}: already exists with other input or options; use --force to replace it"
+            f"{shown}: already exists with other input or options; use --force to replace it"
         )
     prep = apply_protocol(raw, options)
     meta = {
@@ -162,24 +340,68 @@ def prepare(
         "options": settings,
         "stats": table2_stats(prep),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     for stale in output.parent.glob(f".{output.name}.staging-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove_tree(stale)
+    for stale in output.parent.glob(f".{output.name}.old-*"):
+        _remove_tree(stale)
     stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
     try:
+        stage.mkdir()
         write_items(prep, stage)
         meta["shards"] = write_users(
             prep, stage, num_shards=num_shards, row_group_size=row_group_size
         )
         meta["seconds"] = round(time.perf_counter() - started, 3)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if output.exists():  # --force: move the old folder aside, then drop it
+        if output.exists():  # a prepared folder (--force) or an empty one: move it aside
             trash = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(output, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(stage, output)
+            try:
+                os.replace(stage, output)
+            except BaseException:
+                os.replace(trash, output)  # put the old folder back
+                raise
+            _remove_tree(trash)
+        else:
+            os.replace(stage, output)
+    except OSError as exc:  # disk full, a folder made read-only meanwhile, ...
+        _remove_tree(stage)
+        raise DataError(f"{shown}: cannot write the prepared folder: {_os_reason(exc)}") from exc
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        _remove_tree(stage)
         raise
     return meta
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno is not None and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _in_cli_process() -> bool:
+    """Whether this process is the ``dist-tp`` command itself (its console script or
+    ``python -m dist_tp``), not a Python program calling ``dist_tp.cli.main``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name == "dist_tp.__main__"
+    return os.path.basename(getattr(main, "__file__", None) or "").startswith("dist-tp")
+
+
+def leave_if_cli(message: str | None, code: int) -> None:
+    """In the ``dist-tp`` process, print ``message`` to stderr, flush, and end with ``code``
+    at once: interpreter finalization is skipped, since pyarrow's reader threads can abort it
+    ("terminate called without an active exception", exit 134 instead of ``code``; see
+    ``dist_tp.parallel.distributed.leave``). Elsewhere (``main`` called in-process), return."""
+    if not _in_cli_process():
+        return
+    if message is not None:
+        print(message, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -74,7 +74,11 @@ def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique values, code of each value); codes follow the ascending original-id order.
 
     Hash-based (pyarrow's dictionary encoding), then only the small dictionary is sorted.
+    Integer ids beyond 64 bits (Python integers in an object array) are sorted as integers.
     """
+    if values.dtype == object and len(values) and not isinstance(values[0], str):
+        unique, codes = np.unique(values, return_inverse=True)
+        return unique, codes.astype(np.int64)
     encoded = pc.dictionary_encode(pa.array(values, from_pandas=False))
     dictionary = encoded.dictionary.to_numpy(zero_copy_only=False)
     order = np.argsort(dictionary, kind="stable")

@@ -8,9 +8,12 @@ bad line so the error can name it — or, with ``on_bad_lines="skip"``, keeps th
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +84,54 @@ def _fail(path: str, line: int, why: str) -> DataError:
     return DataError(f"{path}:{line}: {why}")
 
 
+INT64 = (-(1 << 63), 1 << 63)
+UINT64_END = 1 << 64
+_INTEGER = re.compile(r"-?[0-9]+")
+"""What pyarrow's integer parser accepts (no '+', no spaces): an all-integer id column."""
+
+
+def to_utf8(data: bytes, path: str, encoding: str) -> bytes:
+    """``data`` (in ``encoding``) as UTF-8 bytes, the readers' input. A byte that ``encoding``
+    cannot decode is an error naming its line; UTF-8 itself is checked later, by field."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"--encoding: unknown encoding {encoding!r}") from None
+    if name == "utf-8":
+        return data
+    try:
+        return data.decode(name).encode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _fail(path, line, f"byte 0x{data[exc.start]:02x} is not valid {encoding}") from None
+
+
+def _decode_field(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(_not_utf8(name, raw[exc.start])) from None
+
+
+def _not_utf8(name: str, byte: int) -> str:
+    return f"{name} is not valid UTF-8 (byte 0x{byte:02x}); give --encoding, e.g. latin-1"
+
+
+def int_ids(values: list[int]) -> np.ndarray:
+    """Exact integer ids: int64 when they fit, else uint64 when none is negative, else the
+    Python integers themselves (an object array: still exact, still in integer order)."""
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    low, high = min(values), max(values)
+    if INT64[0] <= low and high < INT64[1]:
+        return np.asarray(values, dtype=np.int64)
+    if low >= 0 and high < UINT64_END:
+        return np.asarray(values, dtype=np.uint64)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def _parse_int(text: str) -> int:
     # int() accepts '1_000' and surrounding spaces; the fast parser does not, so neither do we.
     if not text or not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
@@ -90,28 +141,31 @@ def _parse_int(text: str) -> int:
 
 def _scan_text(
     data: bytes, path: str, layout: TextLayout, ncols: int, skip: bool
-) -> tuple[list, list, list | None, int]:
-    """Line-by-line parse: raise on the first bad line, or skip bad lines when ``skip``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Line-by-line parse: raise on the first bad line, or skip bad lines when ``skip``.
+    Only the fields used are decoded (strictly, as UTF-8); integer ids are kept exactly."""
     users: list = []
     items: list = []
     ts_idx = layout.ts_index(ncols)
     times: list | None = [] if ts_idx is not None else None
     skipped = 0
-    text = data.decode("utf-8", errors="replace")
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line:
+    delimiter = layout.delimiter.encode()
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw:
             continue
-        fields = line.split(layout.delimiter)
+        fields = raw.split(delimiter)
         try:
+            shown = raw.decode("utf-8", errors="replace")[:80]
             if len(fields) != ncols:
                 raise ValueError(
                     f"expected {_expected_fields(layout, ncols)} separated by "
-                    f"{layout.separator_name}, got {line[:80]!r}"
+                    f"{layout.separator_name}, got {shown!r}"
                 )
             if layout.delimiter == ":" and any(fields[i] for i in (1, 3, 5)):
-                raise ValueError(f"expected fields separated by '::', got {line[:80]!r}")
-            u, it = fields[layout.user], fields[layout.item]
+                raise ValueError(f"expected fields separated by '::', got {shown!r}")
+            u = _decode_field(fields[layout.user], "user id")
+            it = _decode_field(fields[layout.item], "item id")
             if layout.int_ids:
                 for name, value in (("user id", u), ("item id", it)):
                     try:
@@ -121,10 +175,13 @@ def _scan_text(
                 u, it = int(u), int(it)
             t = None
             if ts_idx is not None:
+                text = _decode_field(fields[ts_idx], "timestamp")
                 try:
-                    t = _parse_int(fields[ts_idx])
+                    t = _parse_int(text)
                 except ValueError:
-                    raise ValueError(f"timestamp {fields[ts_idx]!r} is not an integer") from None
+                    raise ValueError(f"timestamp {text!r} is not an integer") from None
+                if not INT64[0] <= t < INT64[1]:
+                    raise ValueError(f"timestamp {text!r} does not fit in 64 bits")
         except ValueError as exc:
             if not skip:
                 raise _fail(path, lineno, str(exc)) from None
@@ -134,7 +191,12 @@ def _scan_text(
         items.append(it)
         if times is not None:
             times.append(t)
-    return users, items, times, skipped
+    if layout.int_ids:
+        user, item = int_ids(users), int_ids(items)
+    else:
+        user, item = np.asarray(users, dtype=object), np.asarray(items, dtype=object)
+    ts = None if times is None else np.asarray(times, dtype=np.int64)
+    return user, item, ts, skipped
 
 
 def _expected_fields(layout: TextLayout, ncols: int) -> str:
@@ -151,11 +213,14 @@ def _first_line(data: bytes) -> str:
     return ""
 
 
-def read_text(path: str, fmt: str, *, on_bad_lines: str = "error") -> Interactions:
+def read_text(
+    path: str, fmt: str, *, on_bad_lines: str = "error", encoding: str = "utf-8"
+) -> Interactions:
     """Read one of the delimited ``LAYOUTS`` formats."""
     layout = LAYOUTS[fmt]
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
+    data = to_utf8(data, path, encoding)
     first = _first_line(data)
     if not first:
         raise DataError(f"{path}: the input is empty")
@@ -182,16 +247,8 @@ def read_text(path: str, fmt: str, *, on_bad_lines: str = "error") -> Interactio
         if layout.delimiter == ":" and _separator_fields_used(table, names):
             raise pa.ArrowInvalid("a single ':' where '::' was expected")
     except pa.ArrowInvalid:
-        users, items, times, skipped = _scan_text(data, path, layout, ncols, on_bad_lines == "skip")
-        dtype = np.int64 if layout.int_ids else object
-        return _finish(
-            path,
-            digest,
-            np.asarray(users, dtype=dtype),
-            np.asarray(items, dtype=dtype),
-            None if times is None else np.asarray(times, dtype=np.int64),
-            skipped=skipped,
-        )
+        user, item, ts, skipped = _scan_text(data, path, layout, ncols, on_bad_lines == "skip")
+        return _finish(path, digest, user, item, ts, skipped=skipped)
     user = _column(table, names[layout.user], layout.int_ids)
     item = _column(table, names[layout.item], layout.int_ids)
     ts = None if ts_idx is None else _column(table, names[ts_idx], True)
@@ -228,10 +285,13 @@ def _finish(
     return Interactions(user, item, ts, path, digest, len(user) + skipped, skipped)
 
 
-def read_amazon_json(path: str, *, on_bad_lines: str = "error") -> Interactions:
+def read_amazon_json(
+    path: str, *, on_bad_lines: str = "error", encoding: str = "utf-8"
+) -> Interactions:
     """JSON lines with ``reviewerID``, ``asin`` and ``unixReviewTime`` (Amazon 2014 reviews)."""
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
+    data = to_utf8(data, path, encoding)
     users, items, times, skipped = [], [], [], 0
     for lineno, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -246,6 +306,13 @@ def read_amazon_json(path: str, *, on_bad_lines: str = "error") -> Interactions:
             t = rec["unixReviewTime"]
             if isinstance(t, bool) or not isinstance(t, int):
                 raise ValueError(f"unixReviewTime {t!r} is not an integer")
+            if not INT64[0] <= t < INT64[1]:
+                raise ValueError(f"unixReviewTime {t} does not fit in 64 bits")
+        except UnicodeDecodeError as exc:
+            if on_bad_lines != "skip":
+                raise _fail(path, lineno, _not_utf8("the line", line[exc.start])) from None
+            skipped += 1
+            continue
         except ValueError as exc:
             if on_bad_lines != "skip":
                 raise _fail(path, lineno, str(exc)) from None
@@ -264,8 +331,50 @@ def read_amazon_json(path: str, *, on_bad_lines: str = "error") -> Interactions:
     )
 
 
-def _from_table(path: str, digest: str, table: pa.Table, columns: dict[str, str]) -> Interactions:
-    """Map a generic table's columns (``columns`` = {user, item[, timestamp]} → column name)."""
+Where = Callable[[int], str]
+"""``where(row)``: how an error names the input row ``row`` (0-based): ``file:line`` for a
+csv, ``file: row N`` for Parquet."""
+
+
+def _from_table(
+    path: str, digest: str, table: pa.Table, columns: dict[str, str], where: Where
+) -> Interactions:
+    """Map a generic table's columns (``columns`` = {user, item[, timestamp]} → column name).
+    Integer id columns stay exact integers (int64, or uint64 when an id is >= 2**63); any
+    other id column is read as strings."""
+    _check_columns(path, table, columns)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no interactions in the input")
+    out = {}
+    for role in ("user", "item"):
+        col = table.column(columns[role])
+        if col.null_count:
+            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{where(bad)}: empty {role} id")
+        if pa.types.is_integer(col.type):
+            values = col.to_numpy()
+            if values.dtype == np.uint64 and len(values) and values.max() >= np.uint64(1 << 63):
+                out[role] = values  # exact: cast to int64 these would wrap
+            else:
+                out[role] = values.astype(np.int64)
+        else:
+            out[role] = np.asarray(col.cast(pa.string()).to_pylist(), dtype=object)
+    ts = None
+    if "timestamp" in columns:
+        col = table.column(columns["timestamp"])
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.timestamp("s")).cast(pa.int64())
+        if pa.types.is_uint64(col.type) and not col.null_count and pc.max(col).as_py() >= 1 << 63:
+            bad = int(np.flatnonzero(col.to_numpy() >= np.uint64(1 << 63))[0])
+            raise DataError(f"{where(bad)}: timestamp {col[bad].as_py()} does not fit in 64 bits")
+        if not pa.types.is_integer(col.type) or col.null_count:
+            bad = _first_non_int(col)
+            raise DataError(f"{where(bad)}: timestamp {col[bad].as_py()!r} is not an integer")
+        ts = col.to_numpy().astype(np.int64)
+    return _finish(path, digest, out["user"], out["item"], ts)
+
+
+def _check_columns(path: str, table: pa.Table, columns: dict[str, str]) -> None:
     for role in ("user", "item"):
         if role not in columns:
             raise DataError(f"{path}: --columns must map {role!r} (e.g. user=uid,item=iid)")
@@ -277,30 +386,6 @@ def _from_table(path: str, digest: str, table: pa.Table, columns: dict[str, str]
             raise DataError(
                 f"{path}: no column {name!r} for {role} (columns: {', '.join(table.column_names)})"
             )
-    if table.num_rows == 0:
-        raise DataError(f"{path}: no interactions in the input")
-    out = {}
-    for role in ("user", "item"):
-        col = table.column(columns[role])
-        if pa.types.is_integer(col.type):
-            out[role] = col.to_numpy().astype(np.int64)
-        else:
-            out[role] = np.asarray(col.cast(pa.string()).to_pylist(), dtype=object)
-        if col.null_count:
-            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{path}: row {bad + 1}: empty {role} id")
-    ts = None
-    if "timestamp" in columns:
-        col = table.column(columns["timestamp"])
-        if pa.types.is_timestamp(col.type):
-            col = col.cast(pa.timestamp("s")).cast(pa.int64())
-        if not pa.types.is_integer(col.type) or col.null_count:
-            bad = _first_non_int(col)
-            raise DataError(
-                f"{path}: row {bad + 1}: timestamp {col[bad].as_py()!r} is not an integer"
-            )
-        ts = col.to_numpy().astype(np.int64)
-    return _finish(path, digest, out["user"], out["item"], ts)
 
 
 def _first_non_int(col: pa.ChunkedArray) -> int:
@@ -309,22 +394,77 @@ def _first_non_int(col: pa.ChunkedArray) -> int:
             return i
         if isinstance(v, float) and not v.is_integer():
             return i
+        if isinstance(v, bytes):
+            return i
     return 0
 
 
 def read_csv_table(
-    path: str, columns: dict[str, str], *, on_bad_lines: str = "error"
+    path: str, columns: dict[str, str], *, on_bad_lines: str = "error", encoding: str = "utf-8"
 ) -> Interactions:
-    """A CSV file with a header row; ``columns`` names the user/item/timestamp columns."""
+    """A CSV file with a header row; ``columns`` names the user/item/timestamp columns.
+
+    Column types are inferred, but an id column is never read through floats: one inferred as
+    anything but integers or strings (float64 for ids >= 2**63, or '+5') is read again as
+    strings, then kept as exact integers when every id is one, else as the strings."""
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
+    data = to_utf8(data, path, encoding)
     if not data.strip():
         raise DataError(f"{path}: the input is empty")
+    skip = on_bad_lines == "skip"
+    table, skipped = _parse_csv(path, data, skip, {})
+    _check_columns(path, table, columns)
+    ids = [columns["user"], columns["item"]]
+    retype = {name: pa.string() for name in ids if not _integer_or_text(table.column(name).type)}
+    if retype:
+        table, skipped = _parse_csv(path, data, skip, retype)
+    lines = _CsvLines(path, data, len(table.column_names))
+    beyond: dict[str, np.ndarray] = {}
+    for role in ("user", "item"):
+        name = columns[role]
+        if pa.types.is_binary(table.column(name).type):
+            keep = _utf8_rows(table.column(name), f"{role} id", lines, skip)
+            if not keep.all():
+                skipped += int((~keep).sum())
+                table, lines = table.filter(pa.array(keep)), lines.filtered(keep)
+            col = table.column(name).cast(pa.string())
+        elif name in retype:
+            col = _exact_integers(table.column(name))
+            if isinstance(col, np.ndarray):  # beyond 64 bits: set on the result below
+                if table.column(name).null_count == 0:
+                    beyond[role] = col
+                continue
+        else:
+            continue
+        table = table.set_column(table.column_names.index(name), name, col)
+    result = _from_table(path, digest, table, columns, lines.where)
+    for role, ids in beyond.items():
+        setattr(result, role, ids)
+    result.skipped_rows = skipped
+    result.raw_rows += skipped
+    return result
+
+
+def _integer_or_text(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_binary(kind)  # text that is not UTF-8: checked below
+        or pa.types.is_null(kind)  # every value empty: reported below
+    )
+
+
+def _parse_csv(
+    path: str, data: bytes, skip: bool, column_types: dict[str, pa.DataType]
+) -> tuple[pa.Table, int]:
+    """pyarrow's csv reader; a row with too few or too many fields names its line (or is
+    skipped and counted when ``skip``)."""
     skipped = [0]
     bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        if on_bad_lines == "skip":
+        if skip:
             skipped[0] += 1
             return "skip"
         bad.append(row)  # pyarrow ignores exceptions raised here: report it below
@@ -334,6 +474,9 @@ def read_csv_table(
         table = pacsv.read_csv(
             io.BytesIO(data),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types=column_types, strings_can_be_null=bool(column_types)
+            ),
         )
     except pa.ArrowInvalid as exc:
         if bad:
@@ -341,11 +484,71 @@ def read_csv_table(
             line = row.number if row.number is not None else _line_of(data, row.text)
             why = f"expected {row.expected_columns} fields, got {row.actual_columns}"
             raise _fail(path, line, f"{why}: {row.text[:80]!r}") from None
-        raise DataError(f"{path}: {exc}") from None
-    result = _from_table(path, digest, table, columns)
-    result.skipped_rows = skipped[0]
-    result.raw_rows += skipped[0]
-    return result
+        raise DataError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return table, skipped[0]
+
+
+def _utf8_rows(col: pa.ChunkedArray, name: str, lines: _CsvLines, skip: bool) -> np.ndarray:
+    """Which rows of a binary column (pyarrow's type for text that is not UTF-8) are UTF-8:
+    the first that is not is an error naming its line, unless ``skip``."""
+    keep = np.ones(len(col), dtype=bool)
+    for row, value in enumerate(col.to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not skip:
+                raise DataError(
+                    f"{lines.where(row)}: {_not_utf8(name, value[exc.start])}"
+                ) from None
+            keep[row] = False
+    return keep
+
+
+def _exact_integers(col: pa.ChunkedArray) -> pa.ChunkedArray | np.ndarray:
+    """A string id column as exact integers when every id is one: int64, else uint64, else
+    (ids beyond 64 bits) :func:`int_ids`' Python integers; the strings when some id is not."""
+    for kind in (pa.int64(), pa.uint64()):
+        try:
+            return col.cast(kind)
+        except (pa.ArrowInvalid, OverflowError):
+            pass
+    values = col.to_pylist()
+    if not all(v is None or _INTEGER.fullmatch(v) for v in values):
+        return col
+    return int_ids([int(v) for v in values if v is not None])
+
+
+class _CsvLines:
+    """Line numbers of a csv's data rows, found only when an error needs one (a row may span
+    lines inside quotes; blank lines and rows pyarrow skipped are not rows)."""
+
+    def __init__(self, path: str, data: bytes, fields: int, rows: np.ndarray | None = None):
+        self.path, self.data, self.fields, self.rows = path, data, fields, rows
+        self._starts: list[int] | None = None
+
+    def filtered(self, keep: np.ndarray) -> _CsvLines:
+        """The same lines for the table's rows where ``keep`` is true."""
+        rows = np.flatnonzero(keep) if self.rows is None else self.rows[keep]
+        return _CsvLines(self.path, self.data, self.fields, rows)
+
+    def line(self, row: int) -> int | str:
+        if self._starts is None:
+            text = io.StringIO(self.data.decode("utf-8", errors="replace"), newline="")
+            reader = csv.reader(text)
+            next(reader, None)  # the header
+            starts, previous = [], reader.line_num
+            for record in reader:
+                if len(record) == self.fields:
+                    starts.append(previous + 1)
+                previous = reader.line_num
+            self._starts = starts
+        if self.rows is not None:
+            row = int(self.rows[row])
+        return self._starts[row] if row < len(self._starts) else "?"
+
+    def where(self, row: int) -> str:
+        return f"{self.path}:{self.line(row)}"
 
 
 def _line_of(data: bytes, text: str) -> int | str:
@@ -358,14 +561,18 @@ def _line_of(data: bytes, text: str) -> int | str:
     return "?"
 
 
-def read_parquet_table(path: str, columns: dict[str, str], **_: object) -> Interactions:
+def read_parquet_table(
+    path: str, columns: dict[str, str], *, encoding: str = "utf-8", **_: object
+) -> Interactions:
+    if codecs.lookup(encoding).name != "utf-8":
+        raise DataError("--encoding applies to the text formats, not to parquet")
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
-    return _from_table(path, digest, table, columns)
+    return _from_table(path, digest, table, columns, lambda row: f"{path}: row {row + 1}")
 
 
 def read_interactions(
@@ -374,8 +581,10 @@ def read_interactions(
     *,
     columns: dict[str, str] | None = None,
     on_bad_lines: str = "error",
+    encoding: str = "utf-8",
 ) -> Interactions:
-    """Read ``path`` in format ``fmt`` (one of ``FORMATS``)."""
+    """Read ``path`` in format ``fmt`` (one of ``FORMATS``); ``encoding``: of the text
+    formats' bytes (``latin-1`` for an export that is not UTF-8)."""
     if on_bad_lines not in ("error", "skip"):
         raise DataError(f"--on-bad-lines must be 'error' or 'skip', got {on_bad_lines!r}")
     readers: dict[str, Callable[..., Interactions]] = {
@@ -384,7 +593,7 @@ def read_interactions(
         "parquet": lambda p, **kw: read_parquet_table(p, columns or {}, **kw),
     }
     if fmt in LAYOUTS:
-        return read_text(path, fmt, on_bad_lines=on_bad_lines)
+        return read_text(path, fmt, on_bad_lines=on_bad_lines, encoding=encoding)
     if fmt in readers:
-        return readers[fmt](path, on_bad_lines=on_bad_lines)
+        return readers[fmt](path, on_bad_lines=on_bad_lines, encoding=encoding)
     raise DataError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
