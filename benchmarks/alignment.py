@@ -26,7 +26,7 @@ import torch
 from dist_tp.algorithms.joint import rows_loss
 from dist_tp.data.examples import training_rows
 from dist_tp.data.stream import load_sequences
-from dist_tp.run.loop import load_run
+from dist_tp.models.saved import load_run
 
 TABLES = ("item_emb.weight", "out_emb.weight", "out_bias")
 
@@ -104,7 +104,8 @@ def main() -> None:
     print("| run | method | " + " | ".join(losses) + " | params | " + " | ".join(columns) + " |")
     print("| --- " * (3 + len(losses) + len(columns)) + "|")
     for run in args.runs:
-        model, cfg = load_run(run)
+        saved = load_run(run)
+        model, cfg = saved.model, saved.cfg
         seqs = load_sequences(cfg.data.path, roles=["existing"])
         trainable = np.flatnonzero(seqs.lengths >= 4)  # at least one training window
         rng = np.random.default_rng(args.seed)

@@ -16,7 +16,7 @@ from dist_tp.algorithms.joint import JointStepper
 from dist_tp.config import load_config
 from dist_tp.core.seeding import seed_step
 from dist_tp.data.stream import open_prepared
-from dist_tp.run.loop import build
+from dist_tp.models.saved import build
 
 
 def main() -> None:
@@ -33,31 +33,32 @@ def main() -> None:
         seed_step(0, 1, step, 0, extra=1)
     print(f"seed_step: {(time.perf_counter() - t0) / n * 1e6:.0f} µs per step")
 
-    num_items = open_prepared(args.data).num_items
+    data = open_prepared(args.data)
     for backbone in args.backbones.split(","):
         cfg = load_config(
             f"configs/{args.dataset}/{backbone}.yaml",
             [f"data.path={args.data}", "train.progress=false"],
         )
-        stepper = JointStepper(build(cfg, num_items, cfg.data.path), cfg)
+        stepper = JointStepper(build(cfg, data), cfg, data=data)
         t0 = time.perf_counter()
         positions = [position for _, position in stepper.positioned_batches(0)]
         read, batches = time.perf_counter() - t0, len(positions)
-        ends = {position[2]: position for position in positions}  # a pool's last mini-batch
-        largest = max(ends.values(), key=lambda position: position[3])
+        ends = {p.pool: p for p in positions}  # a pool's last mini-batch
+        largest = max(ends.values(), key=lambda position: position.done)
         t0 = time.perf_counter()
         for _ in stepper.positioned_batches(0, largest):  # reads that pool and the next one
             break
         resume = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            stepper.run_epoch(0, on_step=lambda step: _stop_after(step, args.steps))
+            stepper.run_epoch(0, on_step=lambda step, _: _stop_after(step, args.steps))
         except _Enough:
             pass
         per_step = (time.perf_counter() - t0) / args.steps
         print(
             f"{backbone}: an epoch's {batches:,} mini-batches ({len(ends)} pools) read and "
-            f"packed in {read:.3f} s; resumed after the largest pool ({largest[3]} mini-batches), "
+            f"packed in {read:.3f} s; resumed after the largest pool "
+            f"({largest.done} mini-batches), "
             f"it has its next mini-batch in {resume:.3f} s ({read / resume:.0f}x less); training "
             f"{per_step:.3f} s per step (the epoch ≈ {batches * per_step:.0f} s)"
         )

@@ -31,7 +31,7 @@ from dist_tp.data.examples import training_rows
 from dist_tp.data.prepare import prepare
 from dist_tp.data.stream import UserStream, open_prepared, to_sequences
 from dist_tp.evaluation.evaluate import evaluate
-from dist_tp.run.loop import build
+from dist_tp.models.saved import build
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIST_TP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -53,7 +53,7 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 def joint_steps(cfg, device: torch.device):
     """The joint training step, endlessly: yields the windows of each mini-batch it trained."""
     torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path).to(device)
+    model = build(cfg, open_prepared(cfg.data.path)).to(device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -82,7 +82,7 @@ def tp_steps(cfg, device: torch.device, bucketing: bool = True):
     from dist_tp.algorithms.tp.trainer import TPStepper
 
     torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path).num_items, cfg.data.path).to(device)
+    model = build(cfg, open_prepared(cfg.data.path)).to(device)
     stepper = TPStepper(model, cfg)
     stepper.inner.bucketing = bucketing and stepper.inner.bucketing
     step = 0
@@ -189,7 +189,7 @@ def main() -> None:
         cfg = load_config(
             REPO / "configs" / "ml-1m" / "sasrec.yaml", [f"data.path={paths['ml-1m']}"]
         )
-        model = build(cfg, 3266, cfg.data.path).to(device)
+        model = build(cfg, open_prepared(cfg.data.path)).to(device)
         evaluate(model, cfg.data.path, max_len=50, ks=[10], splits=("test",))  # warm-up
         t0 = time.perf_counter()
         res = evaluate(model, cfg.data.path, max_len=50, ks=[1, 5, 10, 20, 50], splits=("test",))

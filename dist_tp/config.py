@@ -83,7 +83,9 @@ class TrainConfig:
     """Negatives per positive for ``bce``."""
     epochs: int = 20
     batch_size: int = 256
-    """Users per mini-batch (each contributes all of its windows)."""
+    """Windows (next-item examples) per joint mini-batch, about: rows of a pool of users are
+    shuffled and packed until they hold this many windows, so a mini-batch mixes users. TP
+    ignores it (an outer step sees ``lanes × k × users_per_step × inner_batch`` windows)."""
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 0.0
@@ -119,6 +121,9 @@ class TrainConfig:
     """``engine: deepspeed``: the DeepSpeed JSON (e.g. ``configs/deepspeed/zero1.json``) with
     the ZeRO stage and engine options. Optimizer, learning rate, batch sizes and gradient
     clipping come from this config and must not be in the JSON."""
+    dist_timeout: int = 600
+    """Under torchrun: seconds a collective waits for the other ranks before the run fails
+    (a rank that died or hangs); raise it for very long evaluations or checkpoint writes."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce"):
@@ -139,6 +144,7 @@ class TrainConfig:
             batch_size=self.batch_size,
             patience=self.patience,
             eval_every=self.eval_every,
+            dist_timeout=self.dist_timeout,
         )
         _check_at_least("train", 0, strict=True, lr=self.lr)
         _check_at_least(
@@ -234,6 +240,7 @@ class EvalConfig:
     exclude_history: bool = True
     """Mask the items already in the user's input (never the target)."""
     batch_size: int = 512
+    """Users ranked at once during evaluation."""
 
     def __post_init__(self) -> None:
         if not self.ks:

@@ -24,6 +24,7 @@ from dist_tp.data.examples import Rows, training_rows
 from dist_tp.data.stream import load_sequences, open_prepared
 from dist_tp.models import build_model
 from dist_tp.parallel.comm import LocalComm
+from dist_tp.parallel.host import TorchHost
 
 ZERO = {s: f"configs/deepspeed/zero{s}.json" for s in (0, 1, 2)}
 # DeepSpeed is installed by launch/setup.sh (CI runs these tests), which also compiles its
@@ -49,7 +50,7 @@ def _union_reference(path: str, *overrides: str):
     )
     torch.manual_seed(0)  # rank 0's initialisation
     model = build_model(cfg.model, open_prepared(path).num_items)
-    views = [JointStepper(model, cfg, RankView(r, 2)) for r in range(2)]
+    views = [JointStepper(model, cfg, RankView(r, 2), host=TorchHost()) for r in range(2)]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     steps = 0
     for pair in zip_longest(*(v.epoch_batches(0) for v in views)):

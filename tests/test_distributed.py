@@ -174,7 +174,7 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("dist-tp").experiment_id])
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
-    from dist_tp.run.loop import evaluate_run
+    from dist_tp.run.saved import evaluate_run
 
     single, _ = evaluate_run(out)
     for role in ("existing", "new"):

@@ -109,8 +109,8 @@ def test_resumed_run_continues_the_same_mlflow_run(prepared, tmp_path):
     c, run = the_run(uri, "dist-tp")
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
     assert run.info.status == "FINISHED"
-    # a fresh run into the same folder is a new MLflow run
-    assert main([*base, "train.epochs=1", *where]) == 0
+    # a fresh run into the same folder (it holds a run: --overwrite) is a new MLflow run
+    assert main([*base, "train.epochs=1", *where, "--overwrite"]) == 0
     exp = c.get_experiment_by_name("dist-tp")
     assert len(c.search_runs([exp.experiment_id])) == 2
 

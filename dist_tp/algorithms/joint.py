@@ -2,8 +2,9 @@
 tasks from the prepared folder in pools of users; each pool's rows are shuffled and packed
 into mini-batches of about ``batch_size`` windows, so a mini-batch mixes users; Adam.
 
-Under torchrun the same epoch runs data-parallel: DDP (through the communicator) or a
-DeepSpeed engine (``train.engine: deepspeed``), on each rank's share of the users.
+Under torchrun the same epoch runs data-parallel on each rank's share of the users; the
+optimizer host it is given (:mod:`dist_tp.parallel.host`: DDP, or a DeepSpeed engine) averages
+the gradients, and this module never learns which.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.config import Config, ConfigError
+from dist_tp.algorithms.base import OnStep, StreamPosition, comm_and_host, register
+from dist_tp.config import Config
 from dist_tp.core.device import module_device, to_device
 from dist_tp.core.seeding import seed_step
 from dist_tp.data.examples import Rows, training_rows
-from dist_tp.data.stream import UserStream, to_sequences
-from dist_tp.parallel.comm import LocalComm
+from dist_tp.data.stream import PreparedData, UserStream, to_sequences
+from dist_tp.parallel.host import Host, OptimizerSpec
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
@@ -78,8 +80,9 @@ def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> to
 
 
 class JointLoss(torch.nn.Module):
-    """The joint loss as a module's ``forward``: what DDP and DeepSpeed wrap (both hook
-    ``forward``). The model is its only submodule, so parameters are shared, not copied."""
+    """The joint loss as a module's ``forward``: what the optimizer host wraps (DDP and
+    DeepSpeed both hook ``forward``). The model is its only submodule, so parameters are
+    shared, not copied."""
 
     def __init__(self, model, cfg: Config) -> None:
         super().__init__()
@@ -106,48 +109,48 @@ def _idle_rows(max_len: int, weighted: bool) -> Rows:
     return Rows(inputs, inputs.copy(), weights)
 
 
+@register("joint")
 class JointStepper:
     """The baseline: mini-batches of about ``batch_size`` windows mixing users, Adam.
 
     Under torchrun each rank streams its own row groups of the existing users
-    (``UserStream`` deals them out per epoch), and the model is wrapped in DDP (or a
-    DeepSpeed engine), which starts every rank from rank 0's parameters and averages
-    gradients. Each step all-reduces the ranks' window counts n_r and weights rank r's mean
-    loss by W·n_r / Σn, so one step equals one single-process step on the union of the
-    ranks' mini-batches. A rank that has run out of mini-batches steps on with weight 0
-    until every rank is done: all ranks take the same number of steps (DDP needs that) and
-    no window is dropped.
+    (``UserStream`` deals them out per epoch), and the optimizer host starts every rank from
+    rank 0's parameters and averages gradients. Each step all-reduces the ranks' window
+    counts n_r and weights rank r's mean loss by W·n_r / Σn, so one step equals one
+    single-process step on the union of the ranks' mini-batches. A rank that has run out of
+    mini-batches steps on with weight 0 until every rank is done: all ranks take the same
+    number of steps (DDP needs that) and no window is dropped.
+
+    ``host`` defaults to the one ``train.engine`` names over ``comm``; ``comm`` to the host's
+    (it only decides this rank's share of the data when both are given); ``data`` to the
+    folder ``data.path``.
     """
 
-    def __init__(self, model, cfg: Config, comm=None) -> None:
-        self.model, self.cfg = model, cfg
-        self.comm = comm or LocalComm()
-        loss_module = JointLoss(model, cfg)
-        if cfg.train.engine == "deepspeed":
-            from dist_tp.parallel.deepspeed_engine import Engine
+    steps_per_epoch = None  # an epoch ends when every rank's users are used up
 
-            self.engine = Engine(
-                loss_module,
-                path=cfg.train.deepspeed,
-                lr=cfg.train.lr,
-                weight_decay=cfg.train.weight_decay,
-                grad_clip=cfg.train.grad_clip,
-                comm=self.comm,
-            )
-            self.net, self.opt = self.engine, None
-        else:
-            self.engine = None
-            self.net = self.comm.data_parallel(loss_module)
-            self.opt = torch.optim.Adam(
-                model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-            )
-        self.device = module_device(model)  # where DeepSpeed put it, if it did
+    def __init__(
+        self,
+        model,
+        cfg: Config,
+        comm=None,
+        *,
+        host: Host | None = None,
+        data: PreparedData | str | None = None,
+    ) -> None:
+        self.model, self.cfg = model, cfg
+        self.comm, host = comm_and_host(cfg, comm, host)
+        train = cfg.train
+        self.opt = host.gradient_optimizer(
+            JointLoss(model, cfg),
+            OptimizerSpec(lr=train.lr, weight_decay=train.weight_decay, grad_clip=train.grad_clip),
+        )
+        self.device = module_device(model)  # where the host put it (DeepSpeed may move it)
         self.gen = torch.Generator(device=self.device)  # negative sampling, seeded per step
         self._partial: dict | None = None  # the running epoch's loss sums, for a checkpoint
         self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
-        self._carried_position: list[int] | None = None  # where this rank's stream was then
+        self._carried_position: StreamPosition | None = None  # this rank's stream then
         self.stream = UserStream(
-            cfg.data.path,
+            PreparedData.of(data if data is not None else cfg.data.path),
             rank=self.comm.rank,
             world_size=self.comm.world_size,
             seed=cfg.train.seed,
@@ -164,19 +167,24 @@ class JointStepper:
         for mb, _ in self.positioned_batches(epoch):
             yield mb
 
-    def positioned_batches(self, epoch: int, position: list[int] | None = None) -> Iterator:
+    def positioned_batches(
+        self, epoch: int, position: StreamPosition | None = None
+    ) -> Iterator[tuple[Rows, StreamPosition]]:
         """This rank's mini-batches of epoch ``epoch``, in order, each with the position just
-        past it: ``[unit, row, pool, done]``, where the mini-batch's pool of users starts at
-        row ``row`` of the stream's ``unit``-th row group, is the epoch's ``pool``-th, and has
-        had ``done`` of its mini-batches. Given such a ``position``, the epoch goes on from
+        past it (:class:`StreamPosition`). Given such a ``position``, the epoch goes on from
         there and reads only the row groups from that pool on (a mid-epoch resume)."""
         cfg = self.cfg
         self.stream.set_epoch(epoch)
         first, skip = 0, 0
         if position is not None:
-            unit, row, first, skip = position
+            first, skip = position.pool, position.done
             self.stream.load_state_dict(
-                {"epoch": epoch, "unit": unit, "row": row, "seed": self.stream.seed}
+                {
+                    "epoch": epoch,
+                    "unit": position.unit,
+                    "row": position.row,
+                    "seed": self.stream.seed,
+                }
             )
         for pool_index, batch in enumerate(self.stream, start=first):
             at = self.stream.state_dict()
@@ -191,7 +199,7 @@ class JointStepper:
             for done, mb in enumerate(batches(rows, cfg.train.batch_size, rng), start=1):
                 if pool_index == first and done <= skip:
                     continue  # done before the checkpoint
-                yield mb, [unit, row, pool_index, done]
+                yield mb, StreamPosition(unit, row, pool_index, done)
 
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast of the forward and loss when ``train.precision`` is bf16 (the
@@ -200,18 +208,8 @@ class JointStepper:
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
         )
 
-    def _update(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.update(loss)  # DeepSpeed: reduce, clip, step, zero the grads
-            return
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP: gradients averaged over ranks
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.opt.step()
-
-    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
-        """Steps ``start_step..`` of the epoch; ``on_step(step)`` after each one.
+    def run_epoch(self, epoch: int, start_step: int = 0, on_step: OnStep | None = None) -> dict:
+        """Steps ``start_step..`` of the epoch; ``on_step(step, {})`` after each one.
 
         A resumed epoch goes on from the stream position the checkpoint carried over
         (``load_state_dict``): it re-reads only the pool of users it was in and skips that
@@ -256,8 +254,8 @@ class JointStepper:
             inputs, targets = to_device(mb.inputs, self.device), to_device(mb.targets, self.device)
             weights = None if mb.weights is None else to_device(mb.weights, self.device)
             with self._autocast():
-                loss = self.net(inputs, targets, generator=self.gen, weights=weights)
-            self._update(loss * weight)
+                loss = self.opt(inputs, targets, generator=self.gen, weights=weights)
+            self.opt.update(loss * weight)  # the host averages the gradients over ranks
             if n:
                 total, count = total + loss.detach().double() * n, count + n
                 bar.update(n)
@@ -272,7 +270,7 @@ class JointStepper:
                 "position": position,
             }
             if on_step is not None:
-                on_step(step)
+                on_step(step, {})
             step += 1
         self._partial = None
         bar.close()
@@ -289,15 +287,14 @@ class JointStepper:
             "steps": step,
         }
 
+    def final_metrics(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         """The optimizer's (or engine's) state; mid-epoch (called from ``on_step``, on every
         rank at once) also the epoch's loss sums so far, summed over ranks, and each rank's
         stream position (``positioned_batches``), so a resume reads on from there."""
-        state = (
-            {"engine": self.engine.state_dict()}
-            if self.engine is not None
-            else {"optimizer": self.opt.state_dict()}
-        )
+        state = self.opt.state_dict()
         if self._partial is not None:
             sums = torch.tensor(
                 [float(self._partial["total"]), self._partial["count"]], dtype=torch.float64
@@ -309,21 +306,18 @@ class JointStepper:
                 "count": int(sums[1]),
                 "seconds": self._partial["seconds"],
             }
-            state["positions"] = self.comm.gather_object(self._partial["position"])
+            position = self._partial["position"]
+            state["positions"] = self.comm.gather_object(
+                None if position is None else position.to_list()
+            )
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.engine is not None:
-            if "engine" not in state:
-                raise ConfigError("cannot resume: last.pt was written without DeepSpeed")
-            self.engine.load_state_dict(state["engine"])
-        elif "optimizer" not in state:
-            raise ConfigError("cannot resume: last.pt was written by a DeepSpeed engine")
-        else:
-            self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_state_dict(state)
         sums = state.get("epoch_sums")
         if sums is not None and not self.comm.is_main:  # rank 0 carries the ranks' sums
             sums = {**sums, "total": 0.0, "count": 0}
         self._carried = sums
         positions = state.get("positions")  # one per rank, in rank order
-        self._carried_position = None if positions is None else positions[self.comm.rank]
+        mine = None if positions is None else positions[self.comm.rank]
+        self._carried_position = None if mine is None else StreamPosition.from_list(mine)

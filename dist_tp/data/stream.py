@@ -9,6 +9,7 @@ unit and the row reached, and a reader restored from it yields exactly the remai
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,13 +23,26 @@ import pyarrow.parquet as pq
 from dist_tp.data.errors import DataError
 
 
-@dataclass
-class PreparedMeta:
-    """``meta.json`` of a prepared folder plus the filesystem to read it with."""
+class PreparedData:
+    """A prepared folder, opened once per run and passed down: ``meta.json``, the filesystem to
+    read it with, the index of its row groups (the units the ranks share), and what is derived
+    from every user once (lengths, popularity counts, the balanced split of users across
+    ranks), each computed on first use and kept.
 
-    root: str
-    fs: fsspec.AbstractFileSystem
-    meta: dict
+    Every reader takes this handle (or a path, which it opens): :class:`UserStream`,
+    evaluation, the TP task sampler, the popularity model, the predictor.
+    """
+
+    def __init__(self, root: str, fs: fsspec.AbstractFileSystem, meta: dict) -> None:
+        self.root, self.fs, self.meta = root, fs, meta
+        self._units: list[tuple[str, int]] | None = None
+        self._lengths: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._counts: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data: PreparedData | str) -> PreparedData:
+        """``data`` itself, or the folder at path ``data`` opened."""
+        return data if isinstance(data, PreparedData) else open_prepared(data)
 
     @property
     def num_items(self) -> int:
@@ -38,11 +52,86 @@ class PreparedMeta:
     def files(self) -> list[str]:
         return [f"{self.root}/{s['file']}" for s in self.meta["shards"]]
 
+    @property
+    def sha256(self) -> str:
+        """The source fingerprint written by ``prepare``."""
+        return self.meta["source"]["sha256"]
 
-def open_prepared(path: str) -> PreparedMeta:
+    def units(self) -> list[tuple[str, int]]:
+        """Every (shard file, row group), in file order; each footer is read once."""
+        if self._units is None:
+            units = []
+            for file in self.files:
+                with self.fs.open(file, "rb") as f:
+                    units += [(file, g) for g in range(pq.ParquetFile(f).num_row_groups)]
+            self._units = units
+        return self._units
+
+    def rank_units(
+        self, rank: int, world_size: int, *, seed: int, epoch: int, shuffle: bool
+    ) -> list[tuple[str, int]]:
+        """Rank ``rank``'s units of one epoch: all units in a seeded order (file order when
+        not ``shuffle``), every ``world_size``-th from ``rank`` on. Disjoint and complete over
+        the ranks for any world size: the split that streaming readers use."""
+        units = self.units()
+        order = np.arange(len(units))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(order)
+        return [units[i] for i in order[rank::world_size]]
+
+    def lengths(self, roles: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(user, length)``: every user's index and number of items (optionally of some
+        roles), sorted by user; read once, one row group in memory at a time."""
+        key = None if roles is None else tuple(roles)
+        if key not in self._lengths:
+            self._lengths[key] = read_lengths(self, roles=roles)
+        return self._lengths[key]
+
+    def balanced_parts(self, world_size: int, *, holdout: int = 2) -> tuple:
+        """The other split, for TP: the existing users with at least one training window,
+        ``(users, n_windows, parts)``, ``parts[r]`` the rows of rank r's users (balanced by
+        training windows, :func:`balanced_parts`)."""
+        users, lengths = self.lengths(["existing"])
+        n_windows = lengths - holdout - 1
+        keep = n_windows >= 1
+        users, n_windows = users[keep], n_windows[keep]
+        return users, n_windows, balanced_parts(n_windows, world_size)
+
+    def training_counts(self) -> np.ndarray:
+        """[N+1] how often each item is a training item (leave-last-two-out) of an existing
+        user: the popularity counts; streamed, one row group at a time."""
+        if self._counts is None:
+            counts = np.zeros(self.num_items + 1, dtype=np.int64)
+            for seqs in stream_sequences(self, roles=["existing"]):
+                position = concat_ranges(seqs.lengths)  # [nnz] index within the user
+                is_train = position < np.repeat(seqs.lengths - 2, seqs.lengths)
+                counts += np.bincount(seqs.items[is_train], minlength=self.num_items + 1)
+            self._counts = counts
+        return self._counts
+
+
+def balanced_parts(n_windows: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Rows of ``n_windows`` split into ``world_size`` disjoint, complete parts balanced by
+    number of training windows: largest first, each to the lightest part (ties: lowest part).
+    Each part is ascending. Deterministic: every rank computes the same split."""
+    order = np.lexsort((np.arange(len(n_windows)), -n_windows))
+    lightest = [(0, part) for part in range(world_size)]  # a heap of (load, part)
+    chosen = []
+    for size in n_windows[order].tolist():
+        load, part = lightest[0]
+        heapq.heapreplace(lightest, (load + size, part))
+        chosen.append(part)
+    owner = np.empty(len(n_windows), dtype=np.int64)
+    owner[order] = chosen
+    return [np.flatnonzero(owner == r) for r in range(world_size)]
+
+
+def open_prepared(path: str) -> PreparedData:
     """Open a prepared folder (local path or fsspec URL) and read its ``meta.json``."""
     fs, root = fsspec.core.url_to_fs(str(path))
     root = root.rstrip("/")
+    if fs.isfile(root):
+        raise DataError(f"{path}: a file, not a folder written by 'dist-tp prepare'")
     try:
         with fs.open(f"{root}/meta.json", "rb") as f:
             meta = json.load(f)
@@ -52,18 +141,22 @@ def open_prepared(path: str) -> PreparedMeta:
         ) from exc
     except ValueError as exc:
         raise DataError(f"{path}/meta.json: not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"{path}/meta.json: cannot read: {exc.strerror or exc}") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}/meta.json: not a prepared folder's meta.json (not an object)")
     if meta.get("format_version") != 1:
         raise DataError(
             f"{path}/meta.json: unsupported format_version {meta.get('format_version')!r}"
         )
-    return PreparedMeta(root, fs, meta)
+    return PreparedData(root, fs, meta)
 
 
 class UserStream:
     """Iterate the users of a prepared folder for one ``(rank, world_size)``.
 
     Args:
-        path: prepared folder (local or fsspec URL).
+        data: the prepared folder (:class:`PreparedData`, or its path or fsspec URL).
         rank, world_size: this reader's share of the row-group units.
         seed: with ``epoch``, fixes the unit order and the row shuffle.
         shuffle: False keeps file and row order (for evaluation).
@@ -74,7 +167,7 @@ class UserStream:
 
     def __init__(
         self,
-        path: str,
+        data: PreparedData | str,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -86,7 +179,7 @@ class UserStream:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.prepared = open_prepared(path)
+        self.prepared = PreparedData.of(data)
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.roles = None if roles is None else list(roles)
@@ -95,14 +188,6 @@ class UserStream:
         self.epoch = 0
         self._unit = 0  # position in this rank's unit list
         self._row = 0  # rows of that unit already yielded
-        self._all_units = self._list_units()
-
-    def _list_units(self) -> list[tuple[str, int]]:
-        units = []
-        for file in self.prepared.files:
-            with self.prepared.fs.open(file, "rb") as f:
-                units += [(file, g) for g in range(pq.ParquetFile(f).num_row_groups)]
-        return units
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning."""
@@ -110,10 +195,9 @@ class UserStream:
 
     def units(self) -> list[tuple[str, int]]:
         """This rank's (file, row group) units for the current epoch, in order."""
-        order = np.arange(len(self._all_units))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        return [self._all_units[i] for i in order[self.rank :: self.world_size]]
+        return self.prepared.rank_units(
+            self.rank, self.world_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle
+        )
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "unit": self._unit, "row": self._row, "seed": self.seed}
@@ -202,12 +286,12 @@ def to_sequences(batch: pa.RecordBatch | pa.Table) -> UserSequences:
 
 
 def load_sequences(
-    path: str, *, roles: Sequence[str] | None = None, users: np.ndarray | None = None
+    data: PreparedData | str, *, roles: Sequence[str] | None = None, users: np.ndarray | None = None
 ) -> UserSequences:
-    """All users of ``path`` (optionally of some roles, or only the user indices ``users``),
+    """All users of ``data`` (optionally of some roles, or only the user indices ``users``),
     sorted by user index. With ``users``, each row group is filtered as it is read, so memory
     follows the users kept, not the dataset."""
-    stream = _in_file_order(path, roles)
+    stream = _in_file_order(data, roles)
     keep = None if users is None else pa.array(np.asarray(users, dtype=np.int32))
     batches = [
         batch if keep is None else batch.filter(pc.is_in(batch.column("user"), keep))
@@ -223,11 +307,13 @@ def load_sequences(
     return to_sequences(table.combine_chunks())
 
 
-def read_lengths(path: str, *, roles: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_lengths(
+    data: PreparedData | str, *, roles: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(user, length)``: every user's index and number of items (optionally of some roles),
     sorted by user; one row group in memory at a time."""
     users, lengths = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
-    for seqs in stream_sequences(path, roles=roles):
+    for seqs in stream_sequences(data, roles=roles):
         users.append(seqs.user)
         lengths.append(seqs.lengths)
     user, length = np.concatenate(users), np.concatenate(lengths)
@@ -235,16 +321,18 @@ def read_lengths(path: str, *, roles: Sequence[str] | None = None) -> tuple[np.n
     return user[order], length[order]
 
 
-def stream_sequences(path: str, *, roles: Sequence[str] | None = None) -> Iterator[UserSequences]:
-    """The users of ``path`` (optionally of some roles) in file order, one row group at a time."""
-    for batch in _in_file_order(path, roles):
+def stream_sequences(
+    data: PreparedData | str, *, roles: Sequence[str] | None = None
+) -> Iterator[UserSequences]:
+    """The users of ``data`` (optionally of some roles) in file order, one row group at a time."""
+    for batch in _in_file_order(data, roles):
         yield to_sequences(batch)
 
 
-def _in_file_order(path: str, roles: Sequence[str] | None) -> UserStream:
+def _in_file_order(data: PreparedData | str, roles: Sequence[str] | None) -> UserStream:
     """A reader of every user's columns in file order, a whole row group per batch."""
     return UserStream(
-        path,
+        data,
         shuffle=False,
         roles=roles,
         batch_rows=1 << 20,

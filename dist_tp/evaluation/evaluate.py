@@ -14,7 +14,7 @@ import torch
 
 from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import Queries, eval_queries
-from dist_tp.data.stream import UserStream, to_sequences
+from dist_tp.data.stream import PreparedData, UserStream, to_sequences
 from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores
 
 GROUPS = ("all", "head", "tail")
@@ -46,7 +46,7 @@ def _add(acc: dict, sums: dict) -> None:
 @torch.no_grad()
 def evaluation_sums(
     model,
-    path: str,
+    data: PreparedData | str,
     *,
     max_len: int,
     ks: Sequence[int],
@@ -64,7 +64,7 @@ def evaluation_sums(
         s: {role: {g: dict(zero) for g in GROUPS} for role, _ in SPLITS[s]} for s in splits
     }
     stream = UserStream(
-        path,
+        data,
         rank=rank,
         world_size=world_size,
         shuffle=False,
@@ -116,10 +116,11 @@ def reduce_sums(acc: dict, comm) -> dict:
     return out
 
 
-def evaluate(model, path: str, *, comm=None, **kwargs) -> dict:
-    """Means per split/role/group over all users of ``path``; with a communicator each rank
+def evaluate(model, data: PreparedData | str, *, comm=None, **kwargs) -> dict:
+    """Means per split/role/group over all users of ``data`` (a prepared folder, opened or
+    its path); with a communicator each rank
     ranks its own share of the users and the sums are added across ranks."""
     if comm is None or comm.world_size == 1:
-        return finalize_sums(evaluation_sums(model, path, **kwargs))
-    acc = evaluation_sums(model, path, rank=comm.rank, world_size=comm.world_size, **kwargs)
+        return finalize_sums(evaluation_sums(model, data, **kwargs))
+    acc = evaluation_sums(model, data, rank=comm.rank, world_size=comm.world_size, **kwargs)
     return finalize_sums(reduce_sums(acc, comm))

@@ -36,6 +36,7 @@ from dist_tp.experiments.folders import (
     extra_evaluations,
     read_config,
 )
+from dist_tp.run.checkpoints import has_resume_point
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _command(config: str, run: SweepRun, threads: int | None, quiet: bool) -> li
     if quiet:
         cmd.append("train.progress=false")
     cmd += ["--output", str(run.folder)]
-    if (run.folder / "last.pt").is_file():
+    if has_resume_point(run.folder):
         cmd.append("--resume")
     return cmd
 

@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from dist_tp.config import ModelConfig
 
 LOSS_KINDS = ("ce", "bce")
+TASKS = ("encode", "encode_all", "loss")  # what ``Recommender.forward`` runs by name
+
+
+def negatives_from_draws(draws, pos):
+    """Negatives from uniform draws in ``1..N-1`` (numpy or torch, ``[..., K]``) for positives
+    ``pos`` (``[...]``): draws at or above the positive move up by one, so every item but the
+    positive is equally likely. The one definition of a uniform negative, used by joint
+    training (a torch generator on the device) and by TP's sampler (one numpy generator per
+    lane)."""
+    return draws + (draws >= pos[..., None])
 
 
 def sample_negatives(
@@ -48,7 +58,7 @@ def sample_negatives(
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
     shape = (pos.shape[0], num_negatives)
     r = torch.randint(1, num_items, shape, generator=generator, device=pos.device)  # [M, K]
-    return r + (r >= pos.unsqueeze(1)).long()  # [M, K] in 1..N, != pos
+    return negatives_from_draws(r, pos)  # [M, K] in 1..N, != pos
 
 
 class Recommender(nn.Module):
@@ -103,9 +113,24 @@ class Recommender(nn.Module):
         """Sequence embedding of each left-padded window ``[B, L]`` -> ``[B, D]``."""
         return self.encoder(seq)  # [B, D]
 
-    def forward(self, seq: Tensor, all_positions: bool = False) -> Tensor:
-        """:meth:`encode`, or :meth:`encode_all` (what ``torch.func.functional_call`` runs)."""
-        return self.encode_all(seq) if all_positions else self.encode(seq)
+    def forward(self, *args, all_positions: bool = False, task: str | None = None, **kwargs):
+        """:meth:`encode` (:meth:`encode_all` with ``all_positions``), or the method ``task``
+        names (one of ``TASKS``, e.g. ``"loss"``). ``torch.func.functional_call`` runs
+        ``forward``, so this is how per-lane parameters (TP) reach the model's own code."""
+        if task is None:
+            task = "encode_all" if all_positions else "encode"
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        return getattr(self, task)(*args, **kwargs)
+
+    def item_row_names(self) -> list[str]:
+        """The names (as in ``named_parameters``) of the parameters indexed by item id, whose
+        row i belongs to item i: the item tables and the output bias."""
+        rows = [self.item_emb.weight]
+        if self.out_emb is not None:
+            rows += [self.out_emb.weight, self.out_bias]
+        ids = {id(p) for p in rows}
+        return [name for name, p in self.named_parameters() if id(p) in ids]
 
     def encode_all(self, seq: Tensor) -> Tensor:
         """Embeddings of every prefix window, ``[B, L]`` -> ``[B, L, D]``.
@@ -143,15 +168,18 @@ class Recommender(nn.Module):
         kind: str,
         num_negatives: int = 1,
         generator: torch.Generator | None = None,
+        negatives: Tensor | None = None,
         reduction: str = "mean",
     ) -> Tensor:
         """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``
-        (``reduction="none"``: the ``[M]`` losses).
+        (``reduction="none"``: the ``[M]`` losses). The one training loss: joint training
+        calls it directly, TP's inner steps through ``forward(task="loss")``.
 
         ``ce``: softmax cross-entropy over the real items ``1..N`` (padding column left
         out, so it never takes probability mass). ``bce``: sigmoid loss of the positive
-        against ``num_negatives`` uniform negatives per positive,
-        ``-log σ(s+) - Σ log(1 - σ(s-))``, averaged over positives.
+        against ``num_negatives`` uniform negatives per positive (``negatives [M, K]`` when
+        given, else drawn with ``generator``), ``-log σ(s+) - Σ log(1 - σ(s-))``, averaged
+        over positives.
         """
         if kind == "ce":
             weight, bias = self._table()
@@ -160,7 +188,9 @@ class Recommender(nn.Module):
                 logits = logits + bias[1:]  # [M, N]
             return F.cross_entropy(logits, pos - 1, reduction=reduction)
         if kind == "bce":
-            neg = sample_negatives(pos, num_negatives, self.num_items, generator)  # [M, K]
+            neg = negatives  # [M, K]
+            if neg is None:
+                neg = sample_negatives(pos, num_negatives, self.num_items, generator)
             items = torch.cat([pos.unsqueeze(1), neg], dim=1)  # [M, 1+K]
             scores = self.score_items(emb, items)  # [M, 1+K]
             # -log σ(s) = softplus(-s); -log(1 - σ(s)) = softplus(s): stable forms.

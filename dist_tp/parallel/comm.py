@@ -38,10 +38,6 @@ class LocalComm:
     def barrier(self) -> None:
         pass
 
-    def data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` whose backward averages gradients over ranks (DDP); itself here."""
-        return module
-
     def close(self) -> None:
         """Leave cleanly (all ranks reached the end)."""
 

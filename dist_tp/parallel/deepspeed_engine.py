@@ -1,4 +1,5 @@
-"""DeepSpeed as the host of the optimizer (``train.engine: deepspeed``).
+"""DeepSpeed engines behind the optimizer host (``train.engine: deepspeed``); only
+:mod:`dist_tp.parallel.host` builds them.
 
 The JSON named by ``train.deepspeed`` holds the ZeRO stage (0, 1 or 2) and engine options.
 This module adds what the run config owns: Adam with its learning rate and weight decay
@@ -12,7 +13,7 @@ clipping. The engine's constructor broadcasts rank 0's parameters.
 - TP (:class:`EngineOuter`): the inner steps run outside the engine on plain tensors. The
   outer step hands the engine the surrogate Σ_p ⟨p, g_p⟩ with g = Θ − θ_k detached; its
   gradient with respect to p is exactly g, the engine's reduction averages it over ranks,
-  and ``engine.step`` applies Adam: the update of :class:`dist_tp.algorithms.tp.outer.OuterUpdate`.
+  and ``engine.step`` applies Adam: the update of the plain host's pseudo-gradient optimizer.
 
 On CPU DeepSpeed picks its CPU accelerator and, on first use, compiles a shared-memory
 communication op (about a minute on 2 cores), cached in ``TORCH_EXTENSIONS_DIR``: by default
@@ -216,6 +217,35 @@ def plain_zero_state(state: dict) -> dict:
     if isinstance(state.get(CLIP_GRAD), (int, float)):
         plain[CLIP_GRAD] = float(state[CLIP_GRAD])
     return plain
+
+
+class EngineGradientOptimizer:
+    """The host's gradient optimizer (:mod:`dist_tp.parallel.host`) on a DeepSpeed engine
+    around the loss module ``module``; ``spec`` holds Adam's lr, weight decay and clipping."""
+
+    def __init__(self, module: nn.Module, spec, *, path: str, comm=None) -> None:
+        self.engine = Engine(
+            module,
+            path=path,
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            grad_clip=spec.grad_clip,
+            comm=comm,
+        )
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.engine(*args, **kwargs)
+
+    def update(self, loss: Tensor) -> None:
+        self.engine.update(loss)  # reduce, clip, step, zero the grads
+
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "engine" not in state:
+            raise ConfigError("cannot resume: last.pt was written without DeepSpeed")
+        self.engine.load_state_dict(state["engine"])
 
 
 class _Surrogate(nn.Module):

@@ -17,7 +17,6 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from dist_tp.parallel.comm import LocalComm
 
@@ -71,14 +70,6 @@ class DistComm(LocalComm):
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DDP: its constructor broadcasts rank 0's parameters and buffers, and each
-        backward all-reduces (averages) the gradients in buckets, overlapped with compute."""
-        device = next(module.parameters()).device
-        return DistributedDataParallel(
-            module, device_ids=None if device.type == "cpu" else [device.index]
-        )
 
     def close(self) -> None:
         dist.barrier()

@@ -83,10 +83,13 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return {name: float(record[k]) for k, name in EPOCH_KEYS.items() if k in record}
 
 
-def step_metrics(window: list) -> dict[str, float]:
-    """Mean TP inner-loop losses over the last ``track.log_every`` outer steps."""
+def step_metrics(window: list[dict]) -> dict[str, float]:
+    """Mean per-step figures over the last ``track.log_every`` steps (TP: the inner loop's
+    ``loss`` and ``disc_loss``) → ``step/<name>``; a figure that is zero throughout (no
+    discriminator) is left out."""
     n = len(window)
-    out = {"step/loss": sum(s.pred_loss for s in window) / n}
-    if any(s.disc_loss for s in window):
-        out["step/disc_loss"] = sum(s.disc_loss for s in window) / n
+    out = {}
+    for name in window[0]:
+        if name == "loss" or any(figures[name] for figures in window):
+            out[f"step/{name}"] = sum(figures[name] for figures in window) / n
     return out

@@ -11,6 +11,10 @@ those rows: a small per-lane table ``[M, T, D]`` gathered from Θ, indexed by lo
 the end the row deltas are scattered back into a dense pseudo-gradient. Memory therefore
 grows with M × touched rows, not M × items. With the full-softmax ``ce`` loss every row is
 touched and the lanes are dense.
+
+The lanes run the model's own code on their parameters (``functional_call``): its encoder,
+its loss (``Recommender.loss`` through ``forward(task="loss")``) and its list of item-row
+parameters, so a change to the model reaches TP as it reaches joint training.
 """
 
 from __future__ import annotations
@@ -21,15 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from dist_tp.algorithms.tp.discriminator import disc_loss, grad_reverse
 from dist_tp.algorithms.tp.sampler import LaneBatch
 from dist_tp.core.device import module_device, to_device
-
-ROW_PARAMS = ("item_emb.weight", "out_emb.weight", "out_bias")  # indexed by item id
 
 
 @dataclass(frozen=True)
@@ -150,22 +151,6 @@ class InnerStats:
     touched_rows: int  # T, rows per lane table (M·T·D floats per row table)
 
 
-def prediction_loss(
-    emb: Tensor, table: Tensor, bias: Tensor | None, targets: Tensor, negatives: Tensor, kind: str
-) -> Tensor:
-    """The same losses as ``Recommender.loss``, for given (local) item ids and negatives."""
-    if kind == "ce":
-        logits = emb @ table[1:].t()  # [B, N]
-        if bias is not None:
-            logits = logits + bias[1:]
-        return F.cross_entropy(logits, targets - 1)
-    items = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)  # [B, 1+n]
-    scores = (table[items] * emb.unsqueeze(-2)).sum(-1)  # [B, 1+n]
-    if bias is not None:
-        scores = scores + bias[items]
-    return (F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(-1)).mean()
-
-
 class InnerLoop:
     """k SGD steps in M lanes from the current parameters; returns Θ − θ_k averaged over lanes."""
 
@@ -181,7 +166,7 @@ class InnerLoop:
     ) -> None:
         self.model, self.disc = model, disc
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
-        self.row_names = [n for n, _ in model.named_parameters() if n in ROW_PARAMS]
+        self.row_names = model.item_row_names()  # the parameters a lane keeps rows of
         self.sparse = loss != "ce"
         self.all_positions = bool(getattr(model, "supports_all_positions", False))
         # buckets only pay off where lanes differ in shape: all-positions encoders
@@ -199,8 +184,9 @@ class InnerLoop:
             emb = out[slot_row, slot_pos]  # [B, D]
         else:
             emb = functional_call(self.model, params, (rows,))[slot_row]  # [B, D]
-        table = params.get("out_emb.weight", params["item_emb.weight"])
-        pred = prediction_loss(emb, table, params.get("out_bias"), targets, negatives, self.loss)
+        # the model's own loss, on this lane's parameters (its rows, with local item ids)
+        kwargs = {"task": "loss", "kind": self.loss, "negatives": negatives}
+        pred = functional_call(self.model, params, (emb, targets), kwargs)
         if self.disc is None:
             zero = pred.detach() * 0
             return pred, (pred.detach(), zero, zero.expand(labels.shape))

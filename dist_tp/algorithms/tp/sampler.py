@@ -4,13 +4,13 @@ examples — without replacement, or with replacement when the user has fewer th
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import numpy as np
 
 from dist_tp.data.examples import windows
-from dist_tp.data.stream import UserSequences, load_sequences, read_lengths
+from dist_tp.data.stream import PreparedData, UserSequences, balanced_parts, load_sequences
+from dist_tp.models.scoring import negatives_from_draws
 
 
 @dataclass
@@ -42,39 +42,20 @@ class LaneBatch:
         )
 
 
-def balanced_parts(n_windows: np.ndarray, world_size: int) -> list[np.ndarray]:
-    """Rows of ``n_windows`` split into ``world_size`` disjoint, complete parts balanced by
-    number of training windows: largest first, each to the lightest part (ties: lowest part).
-    Each part is ascending. Deterministic: every rank computes the same split."""
-    order = np.lexsort((np.arange(len(n_windows)), -n_windows))
-    lightest = [(0, part) for part in range(world_size)]  # a heap of (load, part)
-    chosen = []
-    for size in n_windows[order].tolist():
-        load, part = lightest[0]
-        heapq.heapreplace(lightest, (load + size, part))
-        chosen.append(part)
-    owner = np.empty(len(n_windows), dtype=np.int64)
-    owner[order] = chosen
-    return [np.flatnonzero(owner == r) for r in range(world_size)]
-
-
 def load_part(
-    path: str, *, max_len: int, rank: int, world_size: int, holdout: int = 2
+    data: PreparedData | str, *, max_len: int, rank: int, world_size: int, holdout: int = 2
 ) -> tuple[TaskSampler, list[int]]:
-    """Rank ``rank``'s part of the existing users (``balanced_parts``) as a sampler, and every
-    part's number of training windows. Only that part's items are held: every rank first
-    reads all users' lengths (one row group at a time), splits them as
+    """Rank ``rank``'s part of the existing users (``PreparedData.balanced_parts``) as a
+    sampler, and every part's number of training windows. Only that part's items are held:
+    every rank first reads all users' lengths (one row group at a time), splits them as
     ``TaskSampler(all users).partition(world_size)`` would, then reads its own users alone.
     The sampler equals ``TaskSampler(all).subset(parts[rank])``."""
+    data = PreparedData.of(data)
     if world_size == 1:
-        sampler = TaskSampler(load_sequences(path, roles=["existing"]), max_len=max_len)
+        sampler = TaskSampler(load_sequences(data, roles=["existing"]), max_len=max_len)
         return sampler, [sampler.total_windows]
-    users, lengths = read_lengths(path, roles=["existing"])
-    n_windows = lengths - holdout - 1
-    keep = n_windows >= 1  # the users a TaskSampler keeps, in its order
-    users, n_windows = users[keep], n_windows[keep]
-    parts = balanced_parts(n_windows, world_size)
-    seqs = load_sequences(path, roles=["existing"], users=users[parts[rank]])
+    users, n_windows, parts = data.balanced_parts(world_size, holdout=holdout)
+    seqs = load_sequences(data, roles=["existing"], users=users[parts[rank]])
     sampler = TaskSampler(seqs, max_len=max_len, holdout=holdout)
     return sampler, [int(n_windows[part].sum()) for part in parts]
 
@@ -151,7 +132,7 @@ class TaskSampler:
         negatives = None
         if num_negatives > 0:
             # uniform over 1..N without the positive: drawn from 1..N-1, values >= pos shifted
-            negatives = (draws + (draws >= targets[..., None])).reshape(*shape, num_negatives)
+            negatives = negatives_from_draws(draws, targets).reshape(*shape, num_negatives)
         windows = windows.reshape(*shape, self.max_len)
         if all_positions:
             rows, slot_row, slot_pos = self._shared_rows(target_pos, lanes, k, users_per_step)

@@ -1,6 +1,7 @@
 """One TP epoch: sample lanes × k inner mini-batches, run the inner loops, apply the outer
 update; as many windows per epoch as a joint epoch. Tracks the discriminator (loss,
-accuracy, AUC) like the model."""
+accuracy, AUC) like the model. The outer step's optimizer comes from the optimizer host
+(:mod:`dist_tp.parallel.host`), which averages the pseudo-gradients over ranks."""
 
 from __future__ import annotations
 
@@ -12,35 +13,48 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.algorithms.tp.discriminator import Discriminator, auc
+from dist_tp.algorithms.base import OnStep, comm_and_host, register
+from dist_tp.algorithms.tp.disc_metrics import disc_figures, discriminator_metrics
+from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.algorithms.tp.lanes import InnerLoop
-from dist_tp.algorithms.tp.outer import OuterUpdate
 from dist_tp.algorithms.tp.sampler import TaskSampler, load_part
-from dist_tp.config import Config, ConfigError
+from dist_tp.config import Config
 from dist_tp.core.device import module_device
 from dist_tp.core.seeding import seed_step
-from dist_tp.parallel.comm import LocalComm, broadcast_module, check_replicas
+from dist_tp.data.stream import PreparedData
+from dist_tp.parallel.comm import check_replicas
+from dist_tp.parallel.host import Host, OptimizerSpec
 
 log = logging.getLogger(__name__)
+EMPTY_EPOCH = {  # an epoch's figures before its first step
+    "losses": [],
+    "dlosses": [],
+    "logits": torch.zeros(0),
+    "labels": torch.zeros(0),
+    "seconds": 0.0,
+}
 
 
-def disc_figures(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy, AUC and the majority share (accuracy of always guessing the majority)."""
-    if len(labels) == 0:
-        return {"disc_acc": float("nan"), "disc_auc": float("nan"), "disc_majority": float("nan")}
-    head = float(labels.mean())
-    return {
-        "disc_acc": float(((logits > 0).float() == labels).float().mean()),
-        "disc_auc": auc(logits, labels),
-        "disc_majority": max(head, 1 - head),
-    }
-
-
+@register("tp")
 class TPStepper:
-    """Holds the discriminator, the task sampler, the inner loop and the outer optimizer."""
+    """Holds the discriminator, the task sampler, the inner loop and the outer optimizer.
 
-    def __init__(self, model, cfg: Config, *, comm=None, sampler: TaskSampler | None = None):
-        self.model, self.cfg, self.comm = model, cfg, comm or LocalComm()
+    ``host`` defaults to the one ``train.engine`` names over ``comm``, ``comm`` to the host's,
+    ``data`` to the folder ``data.path``; ``sampler`` (tests) replaces this rank's users."""
+
+    def __init__(
+        self,
+        model,
+        cfg: Config,
+        comm=None,
+        *,
+        host: Host | None = None,
+        data: PreparedData | str | None = None,
+        sampler: TaskSampler | None = None,
+    ):
+        self.model, self.cfg = model, cfg
+        self.comm, host = comm_and_host(cfg, comm, host)
+        self._data = data  # opened when first needed: a given sampler needs no folder
         tp = cfg.tp
         self.disc = None
         if tp.discriminator:
@@ -53,7 +67,7 @@ class TPStepper:
         rank, world = self.comm.rank, self.comm.world_size
         if sampler is None:  # this rank's users only
             sampler, loads = load_part(
-                cfg.data.path, max_len=cfg.model.max_len, rank=rank, world_size=world
+                self.data, max_len=cfg.model.max_len, rank=rank, world_size=world
             )
         elif world > 1:
             parts = sampler.partition(world)
@@ -67,11 +81,10 @@ class TPStepper:
                 loads[rank],
                 max(loads) / (sum(loads) / len(loads)),
             )
-            broadcast_module(model, self.comm)
-            if self.disc is not None:
-                broadcast_module(self.disc, self.comm)
         self.sampler = sampler
         self.lane_users: list[np.ndarray] | None = None  # tests: pin lanes to user subsets
+        self._partial: tuple | None = None  # the running epoch's figures, for a checkpoint
+        self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
         self.inner = InnerLoop(
             model,
             self.disc,
@@ -82,32 +95,26 @@ class TPStepper:
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
         )
-        if cfg.train.engine == "deepspeed":
-            from dist_tp.parallel.deepspeed_engine import EngineOuter
-
-            if tp.outer_optimizer != "adam" or tp.compress != "none":
-                raise ConfigError(
-                    "train.engine=deepspeed hosts an Adam outer step with DeepSpeed's own "
-                    "reduction: it needs tp.outer_optimizer=adam and tp.compress=none "
-                    "(DeepSpeed's communication_data_type sets the wire dtype)"
-                )
-            self.outer = EngineOuter(
-                self.modules(), path=cfg.train.deepspeed, lr=tp.outer_lr, comm=self.comm
-            )
-        else:
-            self.outer = OuterUpdate(
-                self.params,
-                optimizer=tp.outer_optimizer,
-                lr=tp.outer_lr,
-                comm=self.comm,
-                compress=tp.compress,
-            )
+        # the host starts every rank from rank 0's parameters and averages the steps' input
+        self.outer = host.pseudo_gradient_optimizer(
+            self.modules(),
+            OptimizerSpec(lr=tp.outer_lr, kind=tp.outer_optimizer, compress=tp.compress),
+        )
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
         total = self.comm.all_reduce_sum(torch.tensor(float(sampler.total_windows)))
         self.steps_per_epoch = math.ceil(
             float(total) / (self.windows_per_step * self.comm.world_size)
         )
+
+    @property
+    def data(self) -> PreparedData:
+        """The prepared folder (``data.path`` unless one was given)."""
+        if not isinstance(self._data, PreparedData):
+            self._data = PreparedData.of(
+                self._data if self._data is not None else self.cfg.data.path
+            )
+        return self._data
 
     def modules(self) -> dict:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
@@ -146,26 +153,35 @@ class TPStepper:
             check_replicas(self.params, self.comm, step=step)
         return stats
 
-    def run_epoch(self, epoch: int, start_step: int = 0, on_step=None) -> dict:
-        """Outer steps ``start_step..`` of the epoch; ``on_step(step, stats)`` after each one."""
+    def run_epoch(self, epoch: int, start_step: int = 0, on_step: OnStep | None = None) -> dict:
+        """Outer steps ``start_step..`` of the epoch; ``on_step(step, figures)`` after each
+        one, with the inner loop's mean prediction (``loss``) and discriminator (``disc_loss``)
+        losses. A resumed epoch (``load_state_dict`` of a mid-epoch state) adds the figures of
+        the steps before the checkpoint, so its record is that of the whole epoch."""
         self.model.train()
         started = time.perf_counter()
-        losses, dlosses, logits, labels = [], [], [], []
+        carried = self._carried if start_step and self._carried else EMPTY_EPOCH
+        self._carried = None
+        losses, dlosses = list(carried["losses"]), list(carried["dlosses"])
+        logits, labels = [carried["logits"]], [carried["labels"]]
         show = self.cfg.train.progress and self.comm.is_main
         steps = range(start_step, self.steps_per_epoch)
         bar = tqdm(steps, desc=f"tp epoch {epoch}", disable=not show, leave=False)
         for step in bar:
             stats = self.outer_step(epoch, step)
-            if on_step is not None:
-                on_step(step, stats)
             losses.append(stats.pred_loss)
             dlosses.append(stats.disc_loss)
             logits.append(stats.disc_logits)
             labels.append(stats.labels)
-            rate = len(losses) * self.windows_per_step / (time.perf_counter() - started)
+            seconds = carried["seconds"] + time.perf_counter() - started
+            self._partial = (losses, dlosses, logits, labels, seconds)
+            if on_step is not None:
+                on_step(step, {"loss": stats.pred_loss, "disc_loss": stats.disc_loss})
+            rate = (step + 1 - start_step) * self.windows_per_step / (seconds - carried["seconds"])
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
-        seconds = time.perf_counter() - started
-        windows = len(steps) * self.windows_per_step
+        self._partial = None
+        seconds = carried["seconds"] + time.perf_counter() - started
+        windows = len(losses) * self.windows_per_step
         record = {
             "loss": float(np.mean(losses)),
             "windows": windows,
@@ -177,8 +193,30 @@ class TPStepper:
             record.update(disc_figures(torch.cat(logits), torch.cat(labels)))
         return record
 
+    def final_metrics(self) -> dict:
+        """The discriminator on the existing users' test inputs (accuracy, AUC, majority)."""
+        if self.disc is None:
+            return {}
+        figures = discriminator_metrics(
+            self.model, self.disc, self.data, max_len=self.cfg.model.max_len, comm=self.comm
+        )
+        return {"discriminator": figures}
+
     def state_dict(self) -> dict:
-        return {"outer": self.outer.state_dict()}
+        """The outer optimizer's state; mid-epoch also this rank's figures of the epoch so far
+        (rank 0's are what ``history.json`` records)."""
+        state = {"outer": self.outer.state_dict()}
+        if self._partial is not None:
+            losses, dlosses, logits, labels, seconds = self._partial
+            state["epoch_figures"] = {
+                "losses": list(losses),
+                "dlosses": list(dlosses),
+                "logits": torch.cat(logits),
+                "labels": torch.cat(labels),
+                "seconds": seconds,
+            }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.outer.load_state_dict(state["outer"])
+        self._carried = state.get("epoch_figures")  # None: an epoch's end, or an older last.pt

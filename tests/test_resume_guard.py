@@ -1,0 +1,94 @@
+"""A run folder holds one run: ``--resume`` continues it only with the config that made it
+(what may change: epochs, patience, checkpointing, threads, device, evaluation, tracking),
+and a fresh run does not land on another run's files unless asked to (``--overwrite``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_tp.cli import main
+from dist_tp.config import ConfigError, load_config
+from dist_tp.run.loop import run_training
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished(prepared, tmp_path_factory):
+    """A finished one-epoch run and the overrides that made it."""
+    args = [f"data.path={prepared('ml-100k')}", "train.epochs=1", "track.enabled=false"]
+    out = tmp_path_factory.mktemp("run")
+    run_training(load_config(TINY, args), out)
+    return out, args
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ("train.lr=0.01", "train.lr"),
+        ("model.dim=32", "model.dim"),  # was a 'size mismatch' traceback
+        ("train.method=tp", "train.method"),  # was KeyError: 'disc'
+        ("train.seed=5", "train.seed"),
+        ("train.loss=bce", "train.loss"),
+    ],
+)
+def test_resume_refuses_a_config_that_makes_another_run(finished, change, named):
+    out, args = finished
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=rf"last.pt: --resume continues .* {named} "):
+        run_training(load_config(TINY, [*args, change, "train.epochs=2"]), out, resume=True)
+    assert (out / "config.yaml").read_text() == config  # nothing written
+
+
+def test_resume_refuses_another_data_folder(finished, prepared):
+    out, args = finished
+    other = prepared("ml-100k", row_group_size=64)
+    cfg = load_config(TINY, [*args, f"data.path={other}", "train.epochs=2"])
+    with pytest.raises(ConfigError, match="data.path"):
+        run_training(cfg, out, resume=True)
+
+
+def test_cli_names_the_keys_in_one_line(finished, capsys):
+    out, args = finished
+    code = main(["train", str(TINY), *args, "train.lr=0.5", "--output", str(out), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and "train.lr 0.001 -> 0.5" in err[0]
+
+
+def test_what_may_change_on_resume_does(finished, tmp_path):
+    import shutil
+
+    out, args = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    allowed = ["train.epochs=2", "train.patience=3", "train.checkpoint_every=7", "eval.ks=[1,10]"]
+    metrics = run_training(load_config(TINY, [*args, *allowed]), copy, resume=True)
+    assert "HR@1" in metrics["existing"]["all"] and "HR@5" not in metrics["existing"]["all"]
+
+
+def test_a_fresh_run_does_not_overwrite_a_finished_one(finished, tmp_path, capsys):
+    import shutil
+
+    out, args = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = (copy / "metrics.json").read_bytes()
+    code = main(["train", str(TINY), *args, "train.seed=3", "--output", str(copy)])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert (copy / "metrics.json").read_bytes() == before
+    assert (
+        main(["train", str(TINY), *args, "train.seed=3", "--output", str(copy), "--overwrite"]) == 0
+    )
+    assert (copy / "metrics.json").read_bytes() != before
+
+
+def test_a_folder_with_only_a_config_is_not_a_run(prepared, tmp_path):
+    """A run that died before its first checkpoint left nothing to protect."""
+    (tmp_path / "config.yaml").write_text("old: true\n")
+    cfg = load_config(TINY, [f"data.path={prepared('ml-100k')}", "train.epochs=1"])
+    run_training(cfg, tmp_path)
+    assert "old" not in (tmp_path / "config.yaml").read_text()
