@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,41 +33,53 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from dist_tp.data.prepare import prepare
+    from dist_tp.data.prepare import check_output, leave_if_cli, prepare
     from dist_tp.data.protocol import ProtocolOptions
     from dist_tp.data.registry import get_spec, resolve_input
 
-    fmt, path = args.format, args.input
-    if args.name is not None:
-        spec = get_spec(args.name)
-        fmt = fmt or spec.format
-        if path is None:
-            path, _ = resolve_input(args.name)
-    if path is None or fmt is None:
-        raise DataError("give a dataset name, or --input PATH with --format FORMAT")
-    options = ProtocolOptions(
-        min_item_count=args.min_item_count,
-        min_user_count=args.min_user_count,
-        new_user_fraction=args.new_user_fraction,
-        head_fraction=args.head_fraction,
-        seed=args.seed,
-    )
-    meta = prepare(
-        input_path=path,
-        fmt=fmt,
-        output=args.output,
-        options=options,
-        columns=_parse_columns(args.columns),
-        on_bad_lines=args.on_bad_lines,
-        num_shards=args.shards,
-        row_group_size=args.row_group_size,
-        force=args.force,
-        dataset=args.name,
-    )
+    # Every exit of the dist-tp process goes through leave_if_cli: after pyarrow's reader
+    # threads ran, a normal interpreter exit can abort (134) instead of giving the status.
+    try:
+        fmt, path = args.format, args.input
+        check_output(args.output)  # before a dataset is downloaded or read
+        if args.name is not None:
+            spec = get_spec(args.name)
+            fmt = fmt or spec.format
+            if path is None:
+                path, _ = resolve_input(args.name)
+        if path is None or fmt is None:
+            raise DataError("give a dataset name, or --input PATH with --format FORMAT")
+        options = ProtocolOptions(
+            min_item_count=args.min_item_count,
+            min_user_count=args.min_user_count,
+            new_user_fraction=args.new_user_fraction,
+            head_fraction=args.head_fraction,
+            seed=args.seed,
+        )
+        meta = prepare(
+            input_path=path,
+            fmt=fmt,
+            output=args.output,
+            options=options,
+            columns=_parse_columns(args.columns),
+            on_bad_lines=args.on_bad_lines,
+            num_shards=args.shards,
+            row_group_size=args.row_group_size,
+            force=args.force,
+            dataset=args.name,
+            encoding=args.encoding,
+        )
+    except DataError as exc:
+        leave_if_cli(f"error: {exc}", 2)
+        raise
+    except KeyboardInterrupt:
+        leave_if_cli("interrupted", 130)
+        raise
     skipped = meta["source"]["skipped_rows"]
     if skipped:
         print(f"skipped {skipped} bad lines of {meta['source']['raw_rows']}", file=sys.stderr)
     print(format_stats(meta))
+    leave_if_cli(None, 0)
     return 0
 
 
@@ -108,59 +117,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: a scheduler's preemption, a sweep or torchrun stopping the worker."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated(signum)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_tp.config import load_config
-    from dist_tp.run.loop import run_training
+    from dist_tp.run.lifecycle import exit_process, run
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set: pass data.path=DIR (a 'dist-tp prepare' output)")
-    from dist_tp.parallel.distributed import init_distributed
-    from dist_tp.tracking import make_tracker
-
     out = args.output or f"runs/{Path(args.config).stem}-seed{cfg.train.seed}"
-    comm = init_distributed()
-    if not comm.is_main:  # one voice: rank 0 logs, the others only warn
-        logging.getLogger("dist_tp").setLevel(logging.WARNING)
-    # under torchrun --max-restarts, a restarted worker continues from last.pt
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = args.resume or restarted
-    tracker = make_tracker(cfg, out, is_main=comm.is_main, fresh=not resume)
-    # SIGTERM ends the run like Ctrl-C: files are whole (atomic writes), the MLflow run is
-    # marked KILLED rather than left RUNNING, and --resume continues it from last.pt
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        metrics = run_training(cfg, out, resume=resume, comm=comm, tracker=tracker)
-    except BaseException as exc:
-        stopped = isinstance(exc, (KeyboardInterrupt, Terminated))
-        tracker.finish("KILLED" if stopped else "FAILED")
-        comm.abort()
-        if isinstance(exc, Terminated):
-            print(f"terminated; resume with --resume --output {out}", file=sys.stderr)
-            return 128 + signal.SIGTERM
-        raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    comm.close()
-    if comm.is_main:
-        print(format_metrics(metrics))
+    outcome = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if outcome.metrics is not None and outcome.is_main:
+        print(format_metrics(outcome.metrics))
         print(f"run folder: {out}")
-        if tracker.run_id:
-            print(
-                f"MLflow run {tracker.run_id} in experiment {cfg.track.experiment!r} at "
-                f"{tracker.uri}; browse it with: mlflow ui --backend-store-uri {tracker.uri}"
-            )
-    return 0
+        if outcome.tracking:
+            print(outcome.tracking)
+    return exit_process(outcome.code)
 
 
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
@@ -269,12 +238,21 @@ def cmd_finish(args: argparse.Namespace) -> int:
 
 def _read_sequences(source: str) -> list[list[str]]:
     """One sequence per line (items separated by spaces or commas, oldest first); ``-`` is
-    standard input."""
+    standard input. An empty line is kept (its output line is the cold-start fallback), with
+    a warning."""
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{source}: cannot read: {exc}") from None
-    return [line.replace(",", " ").split() for line in text.splitlines()]
+    sequences = [line.replace(",", " ").split() for line in text.splitlines()]
+    for number, sequence in enumerate(sequences, 1):
+        if not sequence:
+            print(
+                f"warning: {source}:{number}: empty line: its recommendations are the most "
+                "popular training items",
+                file=sys.stderr,
+            )
+    return sequences
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -286,15 +264,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise ConfigError("give the items of one sequence, or --input FILE (one per line)")
     sequences = _read_sequences(args.input) if args.input else [args.items]
     predictor = Predictor.from_run(args.run)
-    tops = predictor.recommend_many(sequences, args.n, exclude_history=not args.include_history)
-    for top in tops:
-        print(json.dumps(top) if args.json else " ".join(str(item) for item in top))
+    results = predictor.recommend_results(
+        sequences, args.n, exclude_history=not args.include_history
+    )
+    for number, (sequence, result) in enumerate(zip(sequences, results), 1):
+        where = f"{args.input}:{number}" if args.input else "the sequence"
+        if result.fallback and sequence:
+            print(
+                f"warning: {where}: no known item ({result.unknown} unknown ids): the most "
+                "popular training items instead",
+                file=sys.stderr,
+            )
+        elif result.unknown:
+            print(f"warning: {where}: {result.unknown} unknown ids left out", file=sys.stderr)
+        if args.json:
+            record = {"items": result.items, "fallback": result.fallback}
+            print(json.dumps({**record, "unknown": result.unknown}))
+        else:
+            print(" ".join(str(item) for item in result.items))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_tp.core.files import write_json
-    from dist_tp.run.loop import evaluate_run
+    from dist_tp.run.saved import evaluate_run
 
     metrics, folder = evaluate_run(args.run, args.overrides)
     target = Path(args.out) if args.out else None
@@ -444,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the existing/new split")
     p.add_argument("--shards", type=int, default=4, help="number of user shard files")
     p.add_argument("--row-group-size", type=int, default=1024, help="users per row group")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing prepared folder at --output"
+    )
+    p.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="of a text/csv/json input (default utf-8; e.g. latin-1 for such an export)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("stats", help="print the Table-2 summary of a prepared folder")
@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
     p.add_argument("--output", help="run folder (default: runs/<config>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run the output folder holds"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -506,7 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--include-history", action="store_true", help="allow items already in the sequence"
     )
-    p.add_argument("--json", action="store_true", help="one JSON list per line")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"items": [...], "fallback": true when the sequence '
+        'had no known item (the most popular items), "unknown": ids left out}',
+    )
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("mlflow-sync", help="replay a run folder's spooled MLflow events")
@@ -569,11 +577,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if "torch.distributed" in sys.modules:
-        from dist_tp.parallel.distributed import closed, leave
-
-        if closed():  # a torchrun worker that finished: no interpreter finalization
-            leave(code)
     return code
 
 

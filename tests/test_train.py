@@ -13,7 +13,7 @@ from dist_tp.algorithms.joint import rows_loss
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.examples import eval_queries, training_rows
-from dist_tp.data.stream import UserSequences, UserStream, load_sequences
+from dist_tp.data.stream import UserSequences, UserStream, load_sequences, open_prepared
 from dist_tp.models import build_model
 from dist_tp.run.loop import run_training
 
@@ -154,15 +154,13 @@ def pop_metrics(prepared, tmp_path_factory):
 
 def test_popularity_counts_each_existing_users_training_items(prepared):
     """Streamed counts: every existing user's items but the last two (validation, test)."""
-    from dist_tp.run.loop import training_counts
-
     path = prepared("ml-100k", row_group_size=100)
     seqs = load_sequences(path, roles=["existing"])
-    expected = np.zeros(1683, dtype=np.int64)
+    expected = np.zeros(open_prepared(path).num_items + 1, dtype=np.int64)
     for u in range(len(seqs)):
         for item in seqs.items[seqs.offsets[u] : seqs.offsets[u + 1] - 2]:
             expected[item] += 1
-    np.testing.assert_array_equal(training_counts(path, 1682), expected)
+    np.testing.assert_array_equal(open_prepared(path).training_counts(), expected)
 
 
 def test_metrics_json_shape(prepared, pop_metrics, tmp_path):
@@ -222,7 +220,7 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
     version) resumes the same way by skipping the epoch's first 10 mini-batches."""
     import shutil
 
-    import dist_tp.run.loop as train_module
+    import dist_tp.run.checkpoints as train_module
 
     data = prepared("ml-100k", row_group_size=16)  # many small row groups: many pools
     cfg = load_config(
@@ -385,7 +383,7 @@ def test_recommend_command(prepared, tmp_path, capsys):
     lines = tmp_path / "seqs.txt"
     lines.write_text(f"{ids[0]},{ids[1]}\n\n{ids[2]}\n")
     assert main(["recommend", str(run), "--input", str(lines), "-n", "3", "--json"]) == 0
-    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    out = [json.loads(x)["items"] for x in capsys.readouterr().out.splitlines()]
     assert out == [predictor.recommend(s, n=3) for s in [ids[:2], [], ids[2:]]]
     assert main(["recommend", str(run)]) == 2  # no sequence given
     assert "give the items of one sequence" in capsys.readouterr().err

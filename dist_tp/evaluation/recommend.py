@@ -3,15 +3,19 @@
     from dist_tp.evaluation.recommend import Predictor
     predictor = Predictor.from_run("runs/ml-100k-sasrec")
     predictor.recommend([50, 172, 133], n=10)   # original MovieLens ids, oldest first
+    predictor.recommend_result([])              # .items, .fallback (True: cold start)
 
 The sequence need not belong to a known user: new users are the point. Items the model has
-never seen (filtered out by the protocol, or unknown) are left out of the input.
+never seen (filtered out by the protocol, or unknown) are left out of the input. A sequence
+with no known item at all (empty, or only unknown ids) gets the most popular training items
+of the prepared data instead (the model's scores would only rank ties), flagged ``fallback``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +23,43 @@ import pyarrow.parquet as pq
 import torch
 
 from dist_tp.core.device import module_device, to_device
-from dist_tp.data.stream import open_prepared
+from dist_tp.models.saved import load_run
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The top-n of one sequence."""
+
+    items: list
+    """Original item ids, best first."""
+    fallback: bool
+    """True when the sequence had no known item: ``items`` are the most popular training
+    items (cold start), not the model's."""
+    unknown: int
+    """How many ids of the sequence the model does not know (left out)."""
 
 
 class Predictor:
     """A trained model plus the item id map of its prepared data."""
 
-    def __init__(self, model, *, item_ids: Sequence, max_len: int) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        item_ids: Sequence,
+        max_len: int,
+        popularity: np.ndarray | None = None,
+        data=None,
+    ) -> None:
+        """``popularity``: [N+1] training counts of items 0..N, the cold-start fallback's
+        order; by default read from ``data`` (a ``PreparedData``) when first needed. With
+        neither, the fallback keeps the model's order for an empty sequence."""
         self.model = model.eval()
         self.max_len = max_len
+        self._popularity = popularity
+        self._data = data
         self.original = list(item_ids)  # index i-1 → original id of item i
         self.index = {orig: i + 1 for i, orig in enumerate(self.original)}
         # ids read from a text file come back as strings; accept those for integer ids too
@@ -37,20 +67,26 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | Path) -> Predictor:
-        from dist_tp.run.loop import load_run
-
-        model, cfg = load_run(run)
-        prepared = open_prepared(cfg.data.path)
-        with prepared.fs.open(f"{prepared.root}/items.parquet", "rb") as f:
+        saved = load_run(run)
+        data = saved.data
+        with data.fs.open(f"{data.root}/items.parquet", "rb") as f:
             item_ids = pq.read_table(f, columns=["original_id"]).column(0).to_pylist()
-        return cls(model, item_ids=item_ids, max_len=cfg.model.max_len)
+        return cls(saved.model, item_ids=item_ids, max_len=saved.cfg.model.max_len, data=data)
+
+    def popular(self) -> list[int] | None:
+        """Item indices, most popular training item first (ties: lower index), or None when
+        no popularity is known."""
+        if self._popularity is None and self._data is not None:
+            self._popularity = np.asarray(self._data.training_counts())
+        if self._popularity is None:
+            return None
+        counts = np.asarray(self._popularity)[1 : len(self.original) + 1]
+        return (np.argsort(-counts, kind="stable") + 1).tolist()
 
     def _window(self, item_sequence: Sequence) -> tuple[np.ndarray, list[int]]:
         """The model's input for a sequence (its last L known items, left-padded), and the
         known items."""
         known = [self.index[x] for x in item_sequence if x in self.index]
-        if len(known) < len(item_sequence):
-            log.warning("%d unknown items ignored", len(item_sequence) - len(known))
         window = np.zeros(self.max_len, dtype=np.int64)
         tail = known[-self.max_len :]
         if tail:
@@ -63,7 +99,6 @@ class Predictor:
         """The top-``n`` original item ids after ``item_sequence`` (oldest first)."""
         return self.recommend_many([item_sequence], n, exclude_history=exclude_history)[0]
 
-    @torch.no_grad()
     def recommend_many(
         self,
         sequences: Sequence[Sequence],
@@ -73,10 +108,41 @@ class Predictor:
         batch_size: int = 512,
     ) -> list[list]:
         """``recommend`` for many sequences, ``batch_size`` per forward pass."""
+        results = self.recommend_results(
+            sequences, n, exclude_history=exclude_history, batch_size=batch_size
+        )
+        unknown = sum(r.unknown for r in results)
+        if unknown:
+            log.warning("%d unknown items ignored", unknown)
+        fallback = sum(r.fallback for r in results)
+        if fallback:
+            log.warning(
+                "%d sequence(s) with no known item: the most popular training items instead",
+                fallback,
+            )
+        return [r.items for r in results]
+
+    def recommend_result(
+        self, item_sequence: Sequence, n: int = 10, *, exclude_history: bool = True
+    ) -> Recommendation:
+        """``recommend``, with whether it fell back on popularity (cold start)."""
+        return self.recommend_results([item_sequence], n, exclude_history=exclude_history)[0]
+
+    @torch.no_grad()
+    def recommend_results(
+        self,
+        sequences: Sequence[Sequence],
+        n: int = 10,
+        *,
+        exclude_history: bool = True,
+        batch_size: int = 512,
+    ) -> list[Recommendation]:
+        """``recommend_result`` for many sequences, ``batch_size`` per forward pass."""
         out = []
         device = module_device(self.model)
         for start in range(0, len(sequences), batch_size):
-            windows, knowns = zip(*(self._window(s) for s in sequences[start : start + batch_size]))
+            chunk = sequences[start : start + batch_size]
+            windows, knowns = zip(*(self._window(s) for s in chunk))
             seq = to_device(np.stack(windows), device)  # [B, L]
             scores = self.model.score_all(self.model.encode(seq)).cpu()  # [B, N+1]
             scores[:, 0] = float("-inf")
@@ -85,8 +151,13 @@ class Predictor:
                     if known:
                         scores[row, torch.tensor(known)] = float("-inf")
             top = torch.topk(scores, min(n, len(self.original)), dim=1)
-            for values, indices in zip(top.values.tolist(), top.indices.tolist()):
-                out.append(
-                    [self.original[i - 1] for v, i in zip(values, indices) if v > float("-inf")]
-                )
+            for sequence, known, values, indices in zip(
+                chunk, knowns, top.values.tolist(), top.indices.tolist()
+            ):
+                unknown = len(sequence) - len(known)
+                popular = None if known else self.popular()
+                if popular is not None:
+                    indices, values = popular[:n], [0.0] * min(n, len(popular))
+                items = [self.original[i - 1] for v, i in zip(values, indices) if v > float("-inf")]
+                out.append(Recommendation(items, not known, unknown))
         return out
