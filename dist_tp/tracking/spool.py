@@ -1,9 +1,18 @@
 """The spool: every tracking event of a run folder, appended to ``<run>/mlflow/spool.jsonl``
 before it goes anywhere, and its delivery to MLflow.
 
-``mlflow/state.json`` (written atomically) holds the tracking URI, the run id and how many
-spool lines have been delivered, so a replay or a resumed training run never sends an event
-twice.
+``mlflow/state.json`` (written atomically) holds the tracking URI (recorded when the run
+starts, whether or not MLflow answers), the run id and how many spool lines have been
+delivered, so a replay or a resumed training run never sends an event twice.
+
+Two kinds of event are delivered with care:
+
+- final metrics (``"final": true``, a run's test figures): a key whose value the MLflow run
+  already holds is not logged again, so a run killed after its final metrics and resumed,
+  or an event delivered but not yet counted when the process died, leaves one point per key;
+- an artifact that the store refuses (or a file that is gone) while the tracking server
+  answers is skipped with a warning naming it and listed in the state's ``skipped``; a
+  server that does not answer keeps it spooled, as any other event.
 """
 
 from __future__ import annotations
@@ -114,19 +123,51 @@ class Delivery:
             else:  # a resumed run continues the same MLflow run
                 client.update_run(state["run_id"], status=RunStatus.to_string(RunStatus.RUNNING))
         elif op == "metrics":
+            values = event["values"]
+            if event.get("final"):  # once per run: what the run holds already is not repeated
+                held = client.get_run(state["run_id"]).data.metrics
+                values = {k: v for k, v in values.items() if held.get(k) != float(v)}
             metrics = [
-                Metric(k, float(v), int(event["ts"]), int(event["step"]))
-                for k, v in event["values"].items()
+                Metric(k, float(v), int(event["ts"]), int(event["step"])) for k, v in values.items()
             ]
             for i in range(0, len(metrics), METRICS_PER_BATCH):
                 client.log_batch(state["run_id"], metrics=metrics[i : i + METRICS_PER_BATCH])
         elif op == "artifact":
-            local = self.spool.dir.parent / event["path"]
-            if local.is_file():
-                client.log_artifact(state["run_id"], str(local), event.get("dir") or None)
-            else:
-                log.warning("artifact %s is gone; not sent", local)
+            self._send_artifact(event, state)
         elif op == "end":
             client.set_terminated(state["run_id"], status=event["status"])
         else:
             raise ConfigError(f"{self.spool.path}: unknown spool event {op!r}")
+
+    def _send_artifact(self, event: dict, state: dict) -> None:
+        """Upload one artifact. When that fails but the tracking server answers, the store
+        refused the file (or it went): skip it with a warning and list it in the state's
+        ``skipped``, so the spool goes on and the run still ends. When the server does not
+        answer, raise: the event stays spooled."""
+        local = self.spool.dir.parent / event["path"]
+        reason = "the file is gone"
+        if local.is_file():
+            try:
+                self.client.log_artifact(state["run_id"], str(local), event.get("dir") or None)
+                return
+            except Exception as exc:  # noqa: BLE001 - the store's or the file's failure
+                try:
+                    self.client.get_run(state["run_id"])
+                except Exception:  # noqa: BLE001 - the server is down: keep it spooled
+                    raise exc from None
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+        log.warning(
+            "artifact %s was not uploaded to MLflow run %s (%s); skipped, the run goes on",
+            local,
+            state["run_id"],
+            reason,
+        )
+        skipped = state.setdefault("skipped", [])
+        if event["path"] not in skipped:
+            skipped.append(event["path"])
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message, one line, at most ``limit`` characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""

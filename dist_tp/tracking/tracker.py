@@ -14,7 +14,7 @@ from typing import Any
 from dist_tp.config import ConfigError
 from dist_tp.core.files import write_json
 from dist_tp.tracking.names import KIND_TAG, final_metrics_to_flat
-from dist_tp.tracking.spool import SPOOL_DIR, Delivery, Spool
+from dist_tp.tracking.spool import SPOOL_DIR, Delivery, Spool, first_line
 from dist_tp.tracking.store import resolve_uri
 from dist_tp.tracking.tags import run_params, run_tags
 
@@ -30,6 +30,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def log_final(self, values: dict[str, float], step: int = 0) -> None:
         pass
 
     def log_artifact(self, path: str | Path, directory: str = "") -> None:
@@ -89,13 +92,16 @@ class Tracker:
                 "spooled to %s: replay it with 'dist-tp mlflow-sync %s'",
                 self.uri,
                 type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
+                first_line(exc, 200),
                 self.spool.path,
                 self.out,
             )
 
     def start(self, *, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self.started = True
+        if self.state.get("uri") != self.uri:  # the intended store, even if it never answers
+            self.state["uri"] = self.uri
+            self.spool.save_state(self.state)
         event = {
             "op": "start",
             "experiment": self.experiment,
@@ -109,6 +115,15 @@ class Tracker:
         if values:
             ts = int(time.time() * 1000)
             self._emit({"op": "metrics", "step": step, "ts": ts, "values": values})
+
+    def log_final(self, values: dict[str, float], step: int = 0) -> None:
+        """A run's final figures (its test metrics): each key is logged once per MLflow run
+        with a given value, however often the end of the run is repeated (killed after its
+        final metrics and resumed, replayed after a kill mid-delivery)."""
+        if values:
+            ts = int(time.time() * 1000)
+            event = {"op": "metrics", "step": step, "ts": ts, "values": values, "final": True}
+            self._emit(event)
 
     def log_artifact(self, path: str | Path, directory: str = "") -> None:
         rel = os.path.relpath(Path(path), self.out)
@@ -171,9 +186,22 @@ def sync(out: str | Path, uri: str | None = None) -> tuple[int, str, str]:
             f"{spool.state_path}: this run lives in {state['uri']}, not {uri}; "
             "to copy it elsewhere, remove the run id from the state file first"
         )
-    pending = spool.events()[state.get("delivered", 0) :]
+    events = spool.events()
+    pending = events[state.get("delivered", 0) :]
     state["uri"] = uri
-    sent = Delivery(spool, uri).send(pending, state) if pending else 0
+    if not pending:
+        return 0, state.get("run_id", ""), uri
+    try:
+        sent = Delivery(spool, uri).send(pending, state)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the tracking side: one line
+        left = len(events) - spool.state().get("delivered", 0)
+        raise ConfigError(
+            f"MLflow at {uri} failed ({type(exc).__name__}: {first_line(exc)}); "
+            f"{left} of {len(events)} events stay spooled in {spool.path}: "
+            f"run 'dist-tp mlflow-sync {out}' again when it answers"
+        ) from exc
     return sent, state.get("run_id", ""), uri
 
 
@@ -190,7 +218,7 @@ def finish_run(tracker, cfg, out: Path, metrics: dict) -> None:
     """Final test metrics for every group and N, the run's files and its training curves."""
     if isinstance(tracker, NullTracker):
         return
-    tracker.log_metrics(final_metrics_to_flat(metrics), step=0)
+    tracker.log_final(final_metrics_to_flat(metrics), step=0)
     from dist_tp.tracking.plots import training_curves
 
     history_path = out / "history.json"
