@@ -135,10 +135,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     from dist_tp.tracking import sync
 
-    for folder in args.runs:
-        sent, run_id, uri = sync(folder, args.uri)
+    failed = 0
+    for folder in args.runs:  # one folder's failure is one error line; the others go on
+        try:
+            sent, run_id, uri = sync(folder, args.uri)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{folder}: {sent} events sent to run {run_id or '?'} at {uri}")
-    return 0
+    return 2 if failed else 0
 
 
 def _split(values: list[str] | None) -> list[str]:

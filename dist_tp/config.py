@@ -251,7 +251,7 @@ class EvalConfig:
 
 @dataclass
 class TrackConfig:
-    """MLflow tracking of ``dist-tp train`` (rank 0 only); see ``dist_tp/tracking.py``."""
+    """MLflow tracking of ``dist-tp train`` (rank 0 only); see ``dist_tp/tracking/``."""
 
     enabled: bool = True
     uri: str = ""

@@ -27,7 +27,7 @@ def test_tp_run_killed_mid_epoch_keeps_the_whole_epoch_in_its_history(
         [
             f"data.path={prepared('ml-100k')}",
             "train.method=tp",
-            "train.epochs=2",
+            "train.epochs=1",
             "train.checkpoint_every=4",
             "tp.lanes=2",
             "track.enabled=false",

@@ -165,7 +165,7 @@ def evaluate_extra(folder: Path, extra: ExtraEval) -> dict:
     metrics = evaluate(folder, extra.overrides, extra.file)
     tracker = reopen(folder)
     if tracker is not None:
-        tracker.log_metrics(extra_metrics_to_flat(metrics, extra.tag), step=0)
+        tracker.log_final(extra_metrics_to_flat(metrics, extra.tag), step=0)  # once per run
     return metrics
 
 

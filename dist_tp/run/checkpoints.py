@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_tp.config import Config, ConfigError, flatten, from_dict, to_dict
-from dist_tp.core.files import load_checkpoint, save_checkpoint
+from dist_tp.core.files import load_checkpoint, remove_stale_temp_files, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class RunCheckpoints:
         """Before anything is written: a resumed run must be the run ``last.pt`` holds (only
         :data:`MAY_CHANGE_ON_RESUME` may differ), and a fresh run must not land on another
         run's files unless ``overwrite`` (then rank 0 removes them)."""
+        if self.comm.is_main:  # what writers killed mid-write left (no one writes here yet)
+            for folder in (self.out, self.out / "mlflow"):
+                remove_stale_temp_files(folder)
         if resume:
             if self.last.is_file():
                 self._check_same_run(load_checkpoint(self.last)["config"])

@@ -25,7 +25,7 @@ import yaml
 from dist_tp.algorithms import Stepper, make_stepper
 from dist_tp.config import Config, ConfigError, to_dict
 from dist_tp.core.device import resolve_device, warn_if_oversubscribed
-from dist_tp.core.files import write_json, write_text
+from dist_tp.core.files import WriteError, write_json, write_text
 from dist_tp.data.stream import PreparedData
 from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.models import Popularity
@@ -88,7 +88,10 @@ def run_training(
     comm = comm or LocalComm()
     tracker = tracker or NullTracker()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{out}: cannot create the run folder: {exc.strerror or exc}") from None
     checkpoints = RunCheckpoints(out, cfg, comm)
     checkpoints.check_start(resume=resume, overwrite=overwrite)
     if cfg.train.threads > 0:
