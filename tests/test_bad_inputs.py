@@ -407,7 +407,71 @@ CASES = [
         "a file, not a folder written by 'dist-tp prepare'",
         command=("stats",),
     ),
+    # -- issue items 4, 5, 9 on the training side: the run folder and data.path --------------
+    Case(
+        "train/data-path-is-a-file",
+        "",
+        b"1::2::3::4\n",
+        2,
+        "{input}",
+        "a file, not a folder written by 'dist-tp prepare'",
+        command=("train",),
+    ),
+    Case(
+        "train/folder-holds-a-run",
+        "",
+        None,
+        2,
+        "{output}",
+        "already holds a run (metrics.json): continue it with --resume",
+        setup=lambda tmp, out, mp: _folder_with(out, {"metrics.json": b"{}"}),
+        command=("train",),
+    ),
+    Case(
+        "train/resume-changes-the-model",
+        "",
+        None,
+        2,
+        "{output}/last.pt",
+        "these keys differ: model.dim 16 -> 32",
+        args=("model.dim=32", "--resume"),
+        setup=lambda tmp, out, mp: _saved_run(tmp, out, checksum=True),
+        command=("train",),
+    ),
+    Case(
+        "train/resume-from-a-damaged-checkpoint",
+        "",
+        None,
+        2,
+        "{output}/last.pt",
+        "damaged: its content does not match its checksum",
+        args=("--resume",),
+        setup=lambda tmp, out, mp: _saved_run(tmp, out, checksum=False),
+        command=("train",),
+    ),
 ]
+
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def _folder_with(out: Path, files: dict[str, bytes]) -> None:
+    out.mkdir()
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+
+
+def _saved_run(tmp: Path, out: Path, *, checksum: bool) -> None:
+    """A ``last.pt`` of the tiny config on ``data.path`` = the case's input: a right
+    checksum, or a wrong one (the content changed after it was written)."""
+    import torch
+
+    from dist_tp.config import load_config, to_dict
+    from dist_tp.core.files import content_hash
+
+    state = {"config": to_dict(load_config(TINY, [f"data.path={tmp / 'input.txt'}"]))}
+    out.mkdir()
+    torch.save({**state, "checksum": content_hash(state if checksum else {})}, out / "last.pt")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -422,11 +486,14 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys):
         case.setup(tmp_path, out, monkeypatch)
     if case.command == ("stats",):
         argv = ["stats", str(src)]
+    elif case.command == ("train",):
+        data = ["track.enabled=false", f"data.path={src}"]
+        argv = ["train", str(TINY), *data, *case.args, "--output", str(out)]
     else:
         output = case.output or str(out)
         argv = ["prepare", "--input", str(src), "--format", case.fmt, "--output", output]
     try:
-        status = main([*argv, *case.args])
+        status = main(argv if case.command == ("train",) else [*argv, *case.args])
     finally:
         if out.parent.stat().st_mode & 0o200 == 0:
             out.parent.chmod(0o755)
