@@ -6,25 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import real_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DIST_TP_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-REAL = {
-    "ml-100k": ("ml-100k/u.data.gz", "ml-100k"),
-    "amazon-music": ("amazon-music/Music.txt.gz", "seq-txt"),
-    "amazon-games": ("amazon-games/Video.txt.gz", "seq-txt"),
-    "ml-1m-part": ("ml-1m/partial/ratings.dat.gz", "ml-1m"),
-}
-
-
-def real_file(name: str) -> tuple[str, str]:
-    """(path, format) of a shared dataset; skips (with the reason) when it is not there."""
-    rel, fmt = REAL[name]
-    path = SHARED_DATA / rel
-    if not path.is_file():
-        pytest.skip(f"shared dataset {path} not present")
-    return str(path), fmt
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import real_file
+from helpers import real_file
 
 from dist_tp.data.errors import DataError
 from dist_tp.data.prepare import prepare

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_distributed import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
+from helpers import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.joint import JointStepper, batch_loss
 from dist_tp.config import ConfigError, load_config

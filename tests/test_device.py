@@ -13,8 +13,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_distributed import ENV, REPO, tiny_tp_args, torchrun_cmd
-from test_tp import _config, _setup, _uneven_batch
+from helpers import (
+    ENV,
+    REPO,
+    tiny_tp_args,
+    torchrun_cmd,
+    tp_batch,
+    tp_config,
+    tp_setup,
+    uneven_batch,
+)
 
 from dist_tp.algorithms.joint import JointStepper
 from dist_tp.algorithms.tp.lanes import InnerLoop
@@ -90,14 +98,12 @@ def test_cpu_module_device_and_to_device():
 )
 def test_cuda_inner_loop_equals_cpu(backbone, loss, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # Caser's convolutions
-    cfg = _config(backbone, loss)
-    model, disc = _setup(cfg)
+    cfg = tp_config(backbone, loss)
+    model, disc = tp_setup(cfg)
     if backbone == "caser":
-        from test_tp import _batch
-
-        batch = _batch(cfg, lanes=4)
+        batch = tp_batch(cfg, lanes=4)
     else:
-        batch = _uneven_batch(cfg)
+        batch = uneven_batch(cfg)
     kw = dict(loss=loss, inner_lr=cfg.tp.inner_lr, lambda_adv=cfg.tp.lambda_adv)
     cpu = InnerLoop(model, disc, **kw).pseudo_gradients(copy.deepcopy(batch))
     gpu_model, gpu_disc = copy.deepcopy(model).cuda(), copy.deepcopy(disc).cuda()

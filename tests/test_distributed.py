@@ -4,66 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.tp.sampler import TaskSampler
 from dist_tp.algorithms.tp.trainer import TPStepper
 from dist_tp.config import load_config
 from dist_tp.data.stream import open_prepared
 from dist_tp.models import build_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> list[str]:
-    """A torchrun command line on loopback with a fresh rendezvous port."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        *launcher,
-        *args,
-    ]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def tiny_tp_args(data: str, *extra: str) -> list[str]:
-    """``-m dist_tp train`` on configs/tiny.yaml with TP and 2 lanes, plus ``extra``."""
-    return [
-        "-m",
-        "dist_tp",
-        "train",
-        "configs/tiny.yaml",
-        f"data.path={data}",
-        "train.method=tp",
-        "tp.lanes=2",
-        *extra,
-    ]
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = torchrun_cmd(*args, nproc=nproc)
-    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
 
 
 def test_partition_is_disjoint_complete_and_balanced(prepared):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import real_file
+from helpers import real_file
 
 from dist_tp.cli import main
 from dist_tp.data import registry

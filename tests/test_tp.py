@@ -8,74 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import NUM_ITEMS, tp_batch, tp_config, tp_sampler, tp_setup, uneven_batch
 
 from dist_tp.algorithms.tp.discriminator import Discriminator, auc, grad_reverse
 from dist_tp.algorithms.tp.lanes import BucketCost, InnerLoop, plan_buckets
 from dist_tp.algorithms.tp.sampler import TaskSampler
 from dist_tp.algorithms.tp.trainer import TPStepper
 from dist_tp.config import ConfigError, load_config
-from dist_tp.data.stream import UserSequences
 from dist_tp.models import build_model
 from dist_tp.run.loop import run_training
-
-NUM_ITEMS = 30
-
-
-def _config(backbone: str = "sasrec", loss: str = "bce", **tp):
-    overrides = [
-        f"model.name={backbone}",
-        "model.dim=8",
-        "model.max_len=6",
-        "model.dropout=0.0",
-        "model.num_heads=2",
-        "model.caser_nh=2",
-        "model.caser_nv=2",
-        f"train.loss={loss}",
-        "train.num_negatives=3",
-        "tp.inner_lr=0.5",
-        "tp.lambda_adv=0.7",
-        "tp.inner_batch=5",
-        "tp.k=3",
-        "tp.disc_hidden=[6]",
-        *(f"tp.{k}={v}" for k, v in tp.items()),
-    ]
-    return load_config(None, overrides)
-
-
-def _sampler(seed: int = 0) -> TaskSampler:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 15, 12)
-    items = np.concatenate(
-        [rng.choice(np.arange(1, NUM_ITEMS + 1), n, replace=False) for n in lengths]
-    )
-    seqs = UserSequences(
-        user=np.arange(1, 13, dtype=np.int32),
-        is_new=np.zeros(12, bool),
-        is_head=np.arange(12) < 3,
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        items=items.astype(np.int32),
-    )
-    return TaskSampler(seqs, max_len=6)
-
-
-def _setup(cfg, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, NUM_ITEMS)
-    disc = Discriminator(cfg.model.dim, cfg.tp.disc_hidden)
-    return model, disc
-
-
-def _batch(cfg, lanes: int, seed: int = 1):
-    all_positions = cfg.model.name != "caser"
-    return _sampler().sample(
-        [np.random.default_rng([seed, m]) for m in range(lanes)],
-        all_positions=all_positions,
-        k=cfg.tp.k,
-        users_per_step=cfg.tp.users_per_step,
-        inner_batch=cfg.tp.inner_batch,
-        num_negatives=cfg.train.num_negatives if cfg.train.loss == "bce" else 0,
-        num_items=NUM_ITEMS,
-    )
 
 
 def _reference_theta_k(model, disc, cfg, batch):
@@ -115,9 +56,9 @@ def _theta_k(module, grads):
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "caser"])
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_k_inner_steps_match_the_written_out_computation(backbone, loss):
-    cfg = _config(backbone, loss)
-    model, disc = _setup(cfg)
-    batch = _batch(cfg, lanes=1)
+    cfg = tp_config(backbone, loss)
+    model, disc = tp_setup(cfg)
+    batch = tp_batch(cfg, lanes=1)
     inner = InnerLoop(
         model, disc, loss=loss, inner_lr=cfg.tp.inner_lr, lambda_adv=cfg.tp.lambda_adv
     )
@@ -140,9 +81,9 @@ def test_k_inner_steps_match_the_written_out_computation(backbone, loss):
     "backbone,loss", [("sasrec", "bce"), ("gru4rec", "bce"), ("caser", "bce"), ("sasrec", "ce")]
 )
 def test_lanes_equal_the_average_of_sequential_single_lane_runs(backbone, loss):
-    cfg = _config(backbone, loss)
-    model, disc = _setup(cfg)
-    batch = _batch(cfg, lanes=4)
+    cfg = tp_config(backbone, loss)
+    model, disc = tp_setup(cfg)
+    batch = tp_batch(cfg, lanes=4)
     inner = InnerLoop(
         model, disc, loss=loss, inner_lr=cfg.tp.inner_lr, lambda_adv=cfg.tp.lambda_adv
     )
@@ -156,31 +97,13 @@ def test_lanes_equal_the_average_of_sequential_single_lane_runs(backbone, loss):
         torch.testing.assert_close(g, mean, atol=1e-5, rtol=1e-5)
 
 
-def _uneven_batch(cfg, seed: int = 3):
-    """Lanes pinned to the shortest and the longest users: 1 row of few columns beside
-    several rows of L columns in the same inner step."""
-    sampler = _sampler()
-    order = np.argsort(sampler.n_windows, kind="stable")
-    pools = [order[:1], order[-1:], order[:2], order[-2:], order[3:8], order[:1]]
-    return sampler.sample(
-        [np.random.default_rng([seed, m]) for m in range(len(pools))],
-        k=cfg.tp.k,
-        users_per_step=cfg.tp.users_per_step,
-        inner_batch=cfg.tp.inner_batch,
-        num_negatives=cfg.train.num_negatives if cfg.train.loss == "bce" else 0,
-        num_items=NUM_ITEMS,
-        all_positions=True,
-        lane_users=pools,
-    )
-
-
 @pytest.mark.parametrize(
     "backbone,loss", [("sasrec", "bce"), ("gru4rec", "bce"), ("sasrec", "ce"), ("gru4rec", "ce")]
 )
 def test_bucketed_inner_loop_equals_one_padded_call(backbone, loss):
-    cfg = _config(backbone, loss)
-    model, disc = _setup(cfg)
-    batch = _uneven_batch(cfg)
+    cfg = tp_config(backbone, loss)
+    model, disc = tp_setup(cfg)
+    batch = uneven_batch(cfg)
     real = batch.rows != 0
     rows, cols = real.any(-1).sum(-1), real.sum(-1).max(-1)  # [M, k]
     assert rows.min() == 1 and rows.max() >= 4 and cols.min() < cfg.model.max_len
@@ -206,10 +129,10 @@ def test_bucketed_inner_loop_equals_one_padded_call(backbone, loss):
 
 
 def test_bucketed_inner_loop_with_dropout_is_reproducible_for_a_seed():
-    cfg = _config("sasrec", "bce")
+    cfg = tp_config("sasrec", "bce")
     cfg.model.dropout = 0.3
-    model, disc = _setup(cfg)
-    batch = _uneven_batch(cfg)
+    model, disc = tp_setup(cfg)
+    batch = uneven_batch(cfg)
     inner = InnerLoop(model, disc, loss="bce", inner_lr=0.5, lambda_adv=0.7)
     inner.bucket_cost = BucketCost(call=0.0)
     runs = []
@@ -255,9 +178,9 @@ def test_vectorised_bucket_split_equals_the_python_one(lanes):
 
 
 def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
-    cfg = _config(lanes=1, outer_optimizer="sgd", outer_lr=1.0)
-    model, _ = _setup(cfg)
-    stepper = TPStepper(model, cfg, sampler=_sampler())
+    cfg = tp_config(lanes=1, outer_optimizer="sgd", outer_lr=1.0)
+    model, _ = tp_setup(cfg)
+    stepper = TPStepper(model, cfg, sampler=tp_sampler())
     before_model = copy.deepcopy(model)
     before_disc = copy.deepcopy(stepper.disc)
     stepper.outer_step(0, 0)
@@ -303,11 +226,11 @@ def test_gradient_reversal_scales_the_encoder_gradient_by_minus_lambda():
 def test_lambda_zero_leaves_the_encoder_as_without_discriminator():
     results = []
     for use_disc in (True, False):
-        cfg = _config(lambda_adv=0.0, discriminator=use_disc, lanes=3)
+        cfg = tp_config(lambda_adv=0.0, discriminator=use_disc, lanes=3)
         cfg.model.dropout = 0.2  # dropout consumes the same random numbers either way
-        model, _ = _setup(cfg)
+        model, _ = tp_setup(cfg)
         torch.manual_seed(5)
-        stepper = TPStepper(model, cfg, sampler=_sampler())
+        stepper = TPStepper(model, cfg, sampler=tp_sampler())
         for step in range(3):
             stepper.outer_step(0, step)
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -323,7 +246,7 @@ def _user_frequencies(sampler, draws: int, **kwargs) -> np.ndarray:
 
 
 def test_users_are_picked_uniformly_or_in_proportion_to_their_windows():
-    sampler = _sampler()
+    sampler = tp_sampler()
     n = sampler.n_windows.astype(float)
     uniform, by_windows = np.full(len(n), 1 / len(n)), n / n.sum()
     assert np.abs(by_windows - uniform).max() > 0.04  # the two laws are told apart
@@ -346,12 +269,12 @@ def test_the_trainer_picks_users_as_configured(monkeypatch):
         lambda self, *a, **kw: seen.append(kw["by_windows"]) or sample(self, *a, **kw),
     )
     for choice in ("uniform", "windows"):
-        cfg = _config(lanes=2, user_sampling=choice)
-        model, _ = _setup(cfg)
-        TPStepper(model, cfg, sampler=_sampler()).outer_step(0, 0)
+        cfg = tp_config(lanes=2, user_sampling=choice)
+        model, _ = tp_setup(cfg)
+        TPStepper(model, cfg, sampler=tp_sampler()).outer_step(0, 0)
     assert seen == [False, True]
     with pytest.raises(ConfigError, match="tp.user_sampling must be 'uniform' or 'windows'"):
-        _config(user_sampling="head")
+        tp_config(user_sampling="head")
 
 
 def test_auc():

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Server, client, free_port
 
 from dist_tp.cli import main
 from dist_tp.config import flatten, load_config, to_dict
@@ -23,12 +22,6 @@ from dist_tp.tracking import Spool, final_metrics_to_flat
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 TP = ["train.method=tp", "tp.lanes=4", "tp.k=2", "tp.inner_batch=32", "track.log_every=20"]
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def the_run(uri: str, experiment: str):
@@ -159,52 +152,6 @@ def test_sync_without_spool_names_the_folder(tmp_path, capsys):
 
 
 # --- a real MLflow server -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``mlflow server`` on 127.0.0.1 in its own process group."""
-
-    def __init__(self, store: Path, port: int) -> None:
-        self.store, self.port = store, port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> Server:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.store}/mlflow.db",
-               "--artifacts-destination", str(self.store / "artifacts")]  # fmt: skip
-        log = open(self.store / f"server-{time.time():.0f}.log", "w")
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.store / "server.log"
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server on port {self.port} did not answer")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 @pytest.fixture

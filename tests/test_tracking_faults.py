@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_tracking import REPO, TINY, Server, client, free_port
+from helpers import REPO, TINY, Server, client, free_port
 
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
