@@ -73,6 +73,9 @@ class Case:
     command: tuple[str, ...] = field(default=("prepare",))
     output: str = ""
     """``--output`` as given (default: ``out`` in the test's folder)."""
+    data: str = ""
+    """``train`` cases: a shared dataset to prepare and train on (``data.path``) instead of
+    the input file."""
 
 
 def _not_prepared_folder(tmp, out, mp):
@@ -449,7 +452,23 @@ CASES = [
         setup=lambda tmp, out, mp: _saved_run(tmp, out, checksum=False),
         command=("train",),
     ),
+    Case(
+        "train/disk-full",
+        "",
+        None,
+        2,
+        "{output}/checkpoint.pt",
+        "cannot write: No space left on device",
+        setup=lambda tmp, out, mp: mp.setattr("dist_tp.core.files.torch.save", _no_space),
+        check=lambda out, tmp: not list(out.glob(".*.tmp")),
+        command=("train",),
+        data="ml-100k",
+    ),
 ]
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -475,7 +494,7 @@ def _saved_run(tmp: Path, out: Path, *, checksum: bool) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path, monkeypatch, capsys):
+def test_bad_input(case, tmp_path, monkeypatch, capsys, request):
     src = tmp_path / case.name
     if isinstance(case.content, bytes):
         src.write_bytes(case.content)
@@ -487,7 +506,8 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys):
     if case.command == ("stats",):
         argv = ["stats", str(src)]
     elif case.command == ("train",):
-        data = ["track.enabled=false", f"data.path={src}"]
+        path = request.getfixturevalue("prepared")(case.data) if case.data else src
+        data = ["track.enabled=false", "train.epochs=1", f"data.path={path}"]
         argv = ["train", str(TINY), *data, *case.args, "--output", str(out)]
     else:
         output = case.output or str(out)
