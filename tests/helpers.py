@@ -216,3 +216,28 @@ def tp_batch(cfg, lanes: int, seed: int = 1):
         num_negatives=cfg.train.num_negatives if cfg.train.loss == "bce" else 0,
         num_items=NUM_ITEMS,
     )
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_after_checkpoint`: the run dies right after a mid-epoch save."""
+
+
+def crash_after_checkpoint(monkeypatch, run, out: Path, next_step: int) -> None:
+    """Call ``run(out)`` with the run dying right after its mid-epoch ``last.pt`` of step
+    ``next_step`` is written (the file is whole, as after a kill); saving is restored after."""
+    import dist_tp.run.checkpoints as checkpoints
+
+    save = checkpoints.save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        if Path(path).name == "last.pt" and not state["epoch_done"]:
+            if state["next_step"] == next_step:
+                raise Crash
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
+    try:
+        with pytest.raises(Crash):
+            run(out)
+    finally:
+        monkeypatch.setattr(checkpoints, "save_checkpoint", save)

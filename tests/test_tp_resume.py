@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import crash_after_checkpoint
 
-import dist_tp.run.checkpoints as checkpoints
 from dist_tp.config import load_config
 from dist_tp.run.loop import run_training
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-class _Crash(Exception):
-    pass
 
 
 def test_tp_run_killed_mid_epoch_keeps_the_whole_epoch_in_its_history(
@@ -34,18 +30,8 @@ def test_tp_run_killed_mid_epoch_keeps_the_whole_epoch_in_its_history(
         ],
     )
     straight = run_training(cfg, tmp_path / "straight")
-    save = checkpoints.save_checkpoint
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if Path(path).name == "last.pt" and not state["epoch_done"] and state["next_step"] == 8:
-            raise _Crash
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     out = tmp_path / "crashed"
-    with pytest.raises(_Crash):
-        run_training(cfg, out)
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+    crash_after_checkpoint(monkeypatch, lambda folder: run_training(cfg, folder), out, 8)
     saved = torch.load(out / "last.pt", weights_only=True)
     assert len(saved["stepper"]["epoch_figures"]["losses"]) == 8
     resumed = run_training(cfg, out, resume=True)

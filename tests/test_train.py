@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import crash_after_checkpoint
 
 from dist_tp.algorithms.joint import rows_loss
 from dist_tp.cli import main
@@ -208,10 +209,6 @@ def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
     assert other["existing"] != a["existing"]
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypatch):
     """A crash right after the mid-epoch checkpoint of step 10; ``--resume`` reads on from the
     stream position in ``last.pt`` (only the row groups from the checkpoint's pool on) and
@@ -219,8 +216,6 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
     negatives are seeded per step). A ``last.pt`` without positions (written by an earlier
     version) resumes the same way by skipping the epoch's first 10 mini-batches."""
     import shutil
-
-    import dist_tp.run.checkpoints as train_module
 
     data = prepared("ml-100k", row_group_size=16)  # many small row groups: many pools
     cfg = load_config(
@@ -238,18 +233,8 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
     straight = run_training(cfg, tmp_path / "straight")
     straight_reads, reads[:] = list(reads), []
 
-    save = train_module.save_checkpoint
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if Path(path).name == "last.pt" and not state["epoch_done"] and state["next_step"] == 10:
-            raise _Crash
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     out = tmp_path / "crashed"
-    with pytest.raises(_Crash):
-        run_training(cfg, out)
-    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    crash_after_checkpoint(monkeypatch, lambda folder: run_training(cfg, folder), out, 10)
     saved = torch.load(out / "last.pt", weights_only=True)
     saved.pop("checksum")  # edited below, as written by other ranks or an earlier version
     assert (saved["epoch"], saved["next_step"]) == (0, 10)

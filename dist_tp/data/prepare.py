@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dist_tp.core.process import exit_now
 from dist_tp.data.errors import DataError
 from dist_tp.data.protocol import (
     Prepared,
@@ -398,10 +399,4 @@ def leave_if_cli(message: str | None, code: int) -> None:
         return
     if message is not None:
         print(message, file=sys.stderr)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    exit_now(code)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from dist_tp.core.process import exit_now
 from dist_tp.parallel.comm import LocalComm
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,7 @@ def leave(code: int) -> NoReturn:
     can still be releasing tensors then, and a thread that needs the GIL during finalization
     aborts the process (SIGABRT, "terminate called without an active exception"; about one
     two-rank run in a hundred here), so torchrun would report a finished run as failed."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    exit_now(code)
 
 
 def choose_backend() -> str:
