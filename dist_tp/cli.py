@@ -68,6 +68,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             force=args.force,
             dataset=args.name,
             encoding=args.encoding,
+            yambda=_yambda_options(args) if fmt == "yambda" else None,
+            engine=args.engine,
+            memory_limit=args.memory_limit,
+            workers=args.workers,
         )
     except DataError as exc:
         leave_if_cli(f"error: {exc}", 2)
@@ -81,6 +85,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(format_stats(meta))
     leave_if_cli(None, 0)
     return 0
+
+
+def _yambda_options(args: argparse.Namespace):
+    from dist_tp.data.readers import YambdaOptions
+
+    events = tuple(e.strip() for e in args.events.split(",") if e.strip())
+    return YambdaOptions(events=events, min_played_ratio=args.min_played_ratio)
 
 
 def format_stats(meta: dict) -> str:
@@ -421,6 +432,7 @@ def format_metrics(metrics: dict, ks: tuple[int, ...] | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dist_tp.data.prepare import AUTO_FACTOR, DEFAULT_MEMORY_LIMIT, ENGINES
     from dist_tp.data.readers import FORMATS
 
     parser = argparse.ArgumentParser(
@@ -431,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="raw interaction log -> prepared user-task parquet")
     p.add_argument("name", nargs="?", help="a known dataset (ml-100k, ml-1m, ...)")
-    p.add_argument("--input", help="raw file (local path or fsspec URL)")
+    p.add_argument(
+        "--input",
+        help="raw file, folder or glob (local, or any fsspec URL such as s3://b/events/*.parquet)",
+    )
     p.add_argument("--format", choices=FORMATS, help="layout of --input")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--columns", help="for csv/parquet: user=COL,item=COL[,timestamp=COL]")
@@ -450,6 +465,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding",
         default="utf-8",
         help="of a text/csv/json input (default utf-8; e.g. latin-1 for such an export)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="memory: read the whole log at once (fastest for small logs); out-of-core: "
+        "stream it through buckets of users spilled to disk, memory bounded by "
+        "--memory-limit, on every core; auto (default): out-of-core when the input's size "
+        f"on disk x {AUTO_FACTOR} exceeds --memory-limit (inputs over 125 MB at 2GB). Both "
+        "engines write the same folder.",
+    )
+    p.add_argument(
+        "--memory-limit",
+        default=DEFAULT_MEMORY_LIMIT,
+        help=f"memory budget of the out-of-core engine (default {DEFAULT_MEMORY_LIMIT}), "
+        "e.g. 512MB, 4GB, 8GiB",
+    )
+    p.add_argument("--workers", type=int, help="processes of the out-of-core engine (all cores)")
+    p.add_argument(
+        "--events",
+        default="listen",
+        help="yambda: which events count, comma-separated from listen, like, dislike, unlike, "
+        "undislike (default listen)",
+    )
+    p.add_argument(
+        "--min-played-ratio",
+        type=int,
+        default=50,
+        help="yambda: a listen counts when played_ratio_pct >= this (default 50; 0: all)",
     )
     p.set_defaults(func=cmd_prepare)
 

@@ -241,3 +241,63 @@ def crash_after_checkpoint(monkeypatch, run, out: Path, next_step: int) -> None:
             run(out)
     finally:
         monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+
+
+def write_event_log(
+    folder: Path,
+    *,
+    events: int,
+    users: int,
+    items: int,
+    files: int = 3,
+    seed: int = 0,
+    text_ids: bool = False,
+    timestamps: bool = True,
+) -> list[Path]:
+    """A long-tailed event log as ``files`` Parquet files: Zipf items, heavy-tailed users,
+    repeated (user, item) pairs and timestamp ties, rows interleaved across users (as logs
+    are). Columns ``u``, ``i``, ``t`` (without ``t`` when ``timestamps`` is False)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    user_weight = rng.pareto(1.2, users) + 0.05
+    user = rng.choice(users, size=events, p=user_weight / user_weight.sum())
+    rank = np.arange(1, items + 1)
+    item = rng.choice(items, size=events, p=rank**-1.1 / (rank**-1.1).sum())
+    ts = rng.integers(0, events // 4 + 1, size=events)  # coarse: many ties
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, part in enumerate(np.array_split(np.arange(events), files)):
+        columns = {
+            "u": pa.array([f"user{u}" for u in user[part]]) if text_ids else user[part] * 7 + 3,
+            "i": pa.array([f"it{i:x}" for i in item[part]]) if text_ids else item[part] * 5,
+        }
+        if timestamps:
+            columns["t"] = ts[part]
+        path = folder / f"events-{k:03d}.parquet"
+        pq.write_table(pa.table(columns), path, row_group_size=max(1, len(part) // 3))
+        paths.append(path)
+    return paths
+
+
+def assert_same_prepared(a: Path, b: Path) -> None:
+    """Two prepared folders hold the same dataset: items, every shard's rows in order, the
+    row groups, and meta.json's statistics, options and shard list."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(a / "items.parquet").equals(pq.read_table(b / "items.parquet"))
+    names = sorted(p.name for p in (a / "users").iterdir())
+    assert names == sorted(p.name for p in (b / "users").iterdir())
+    for name in names:
+        fa, fb = pq.ParquetFile(a / "users" / name), pq.ParquetFile(b / "users" / name)
+        assert fa.read().equals(fb.read()), name
+        groups = [
+            [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)] for f in (fa, fb)
+        ]
+        assert groups[0] == groups[1], name
+    ma, mb = (json.loads((p / "meta.json").read_text()) for p in (a, b))
+    for key in ("stats", "options", "shards"):
+        assert ma[key] == mb[key], key

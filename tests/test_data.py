@@ -225,7 +225,7 @@ def test_skip_bad_lines_reports_the_count(tmp_path):
     "make,fragment",
     [
         (lambda d: str(d / "missing.dat"), "file not found"),
-        (lambda d: str(d), "cannot read"),
+        (lambda d: str(d), "a folder with no data file in it"),
         (lambda d: _write(d, "empty.dat", ""), "empty"),
         (lambda d: _write(d, "few.dat", "1::2::3::4\n"), "nothing left after filtering"),
     ],

@@ -30,11 +30,23 @@ from dist_tp.data.protocol import (
     table2_stats,
     user_shards,
 )
-from dist_tp.data.readers import read_interactions
+from dist_tp.data.readers import (
+    PARQUET_FORMATS,
+    YAMBDA_COLUMNS,
+    YambdaOptions,
+    parquet_file_rows,
+    read_many,
+)
+from dist_tp.data.sources import files_fingerprint, list_inputs, parse_size, total_size
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ENGINES = ("auto", "memory", "out-of-core")
+DEFAULT_MEMORY_LIMIT = "2GB"
+MIN_MEMORY_LIMIT = 256 * 10**6
+AUTO_FACTOR = 16
+"""``--engine auto`` goes out of core when the input's bytes x AUTO_FACTOR > --memory-limit."""
 USER_SCHEMA = pa.schema(
     [
         ("user", pa.int32()),
@@ -95,12 +107,12 @@ def write_users(prep: Prepared, out: Path, *, num_shards: int, row_group_size: i
     return files
 
 
-def write_items(prep: Prepared, out: Path) -> None:
+def write_items(item_ids: np.ndarray, item_counts: np.ndarray, out: Path) -> None:
     table = pa.table(
         {
-            "item": pa.array(np.arange(1, prep.num_items + 1), type=pa.int32()),
-            "original_id": _id_array(prep.item_ids),
-            "count": pa.array(prep.item_counts.astype(np.int64)),
+            "item": pa.array(np.arange(1, len(item_ids) + 1), type=pa.int32()),
+            "original_id": _id_array(item_ids),
+            "count": pa.array(item_counts.astype(np.int64)),
         }
     )
     pq.write_table(table, out / "items.parquet")
@@ -224,6 +236,10 @@ def prepare(
     force: bool = False,
     dataset: str | None = None,
     encoding: str = "utf-8",
+    yambda: YambdaOptions | None = None,
+    engine: str = "auto",
+    memory_limit: str | int = DEFAULT_MEMORY_LIMIT,
+    workers: int | None = None,
 ) -> dict:
     """Prepare one dataset; returns the written (or already present) ``meta.json`` content.
 
@@ -236,6 +252,17 @@ def prepare(
     options = options or ProtocolOptions()
     if num_shards < 1 or row_group_size < 1:
         raise DataError("--shards and --row-group-size must be >= 1")
+    if engine not in ENGINES:
+        raise DataError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    memory = parse_size(memory_limit)
+    if memory < MIN_MEMORY_LIMIT:
+        raise DataError(f"--memory-limit {memory_limit}: give at least 256MB")
+    if fmt == "yambda":
+        yambda = yambda or YambdaOptions()
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"--encoding: unknown encoding {encoding!r}") from None
     check_output(shown)
     made = _make_parent(output.parent)
     try:
@@ -253,6 +280,10 @@ def prepare(
                 force=force,
                 dataset=dataset,
                 encoding=encoding,
+                yambda=yambda if fmt == "yambda" else None,
+                engine=engine,
+                memory=memory,
+                workers=workers,
             )
     except BaseException:
         for folder in made:  # the folders made for the output, if still empty
@@ -303,11 +334,14 @@ def _prepare_locked(
     force: bool,
     dataset: str | None,
     encoding: str,
+    yambda: YambdaOptions | None,
+    engine: str,
+    memory: int,
+    workers: int | None,
 ) -> dict:
     started = time.perf_counter()
-    raw = read_interactions(
-        input_path, fmt, columns=columns, on_bad_lines=on_bad_lines, encoding=encoding
-    )
+    files = list_inputs(input_path)
+    fingerprint = files_fingerprint(files)
     settings = {
         "format": fmt,
         "columns": columns,
@@ -318,40 +352,161 @@ def _prepare_locked(
     }
     if codecs.lookup(encoding).name != "utf-8":
         settings["encoding"] = encoding  # absent for UTF-8: older folders stay up to date
+    if yambda is not None:
+        settings["yambda"] = yambda.to_dict()
     previous = _existing_meta(output)
-    if is_prepared(output) and not force:
+    prepared = is_prepared(output)
+    if prepared and not force:
         source = previous.get("source") or {}
-        if source.get("sha256") == raw.sha256 and previous.get("options") == settings:
-            log.info("%s is up to date (same input and options); nothing to do", shown)
+        if source.get("fingerprint") == fingerprint and previous.get("options") == settings:
+            log.info("%s is up to date (same input files and options); nothing to do", shown)
             return previous
-        raise DataError(
-            f"{shown}: already exists with other input or options; use --force to replace it"
-        )
-    prep = apply_protocol(raw, options)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        "source": {
-            "path": str(input_path),
-            "sha256": raw.sha256,
-            "raw_rows": raw.raw_rows,
-            "skipped_rows": raw.skipped_rows,
-            "has_timestamps": raw.ts is not None,
-        },
-        "options": settings,
-        "stats": table2_stats(prep),
-    }
-    for stale in output.parent.glob(f".{output.name}.staging-*"):  # left by a killed run
-        _remove_tree(stale)
-    for stale in output.parent.glob(f".{output.name}.old-*"):
-        _remove_tree(stale)
-    stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    chosen = choose_engine(engine, files, memory)
+    _remove_leftovers(output)
+    spill = output.parent / f".{output.name}.spill-{uuid.uuid4().hex[:8]}"
     try:
-        stage.mkdir()
-        write_items(prep, stage)
-        meta["shards"] = write_users(
-            prep, stage, num_shards=num_shards, row_group_size=row_group_size
-        )
+        if chosen == "memory":
+            raw = read_many(
+                [f.url for f in files],
+                fmt,
+                columns=columns,
+                on_bad_lines=on_bad_lines,
+                encoding=encoding,
+                yambda=yambda,
+            )
+            digest, has_ts = raw.sha256, raw.ts is not None
+            raw_rows, skipped = raw.raw_rows, raw.skipped_rows
+        else:
+            digest = fingerprint
+        if prepared and not force:
+            source = previous.get("source") or {}
+            if source.get("sha256") == digest and previous.get("options") == settings:
+                log.info("%s is up to date (same input and options); nothing to do", shown)
+                return previous
+            raise DataError(
+                f"{shown}: already exists with other input or options; use --force to replace it"
+            )
+        if chosen == "memory":
+            prep = apply_protocol(raw, options)
+            del raw
+            stats = table2_stats(prep)
+            write = _memory_writer(prep, num_shards, row_group_size)
+        else:
+            result = _run_out_of_core(
+                files=files,
+                fmt=fmt,
+                columns=columns,
+                yambda=yambda,
+                on_bad_lines=on_bad_lines,
+                encoding=encoding,
+                options=options,
+                num_shards=num_shards,
+                row_group_size=row_group_size,
+                spill=spill,
+                memory=memory,
+                workers=workers,
+                source=str(input_path),
+                output=output,
+            )
+            stats, write = result.stats(), None
+            raw_rows, skipped, has_ts = result.raw_rows, result.skipped_rows, result.has_timestamps
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "source": {
+                "path": str(input_path),
+                "sha256": digest,
+                "fingerprint": fingerprint,
+                "files": len(files),
+                "bytes": total_size(files),
+                "raw_rows": raw_rows,
+                "skipped_rows": skipped,
+                "has_timestamps": has_ts,
+            },
+            "options": settings,
+            "stats": stats,
+            "engine": chosen,
+        }
+        if write is not None:
+            return _publish(output, shown, meta, started, write=write)
+        return _publish(output, shown, meta, started, stage=result.stage, shards=result.shards)
+    finally:
+        _remove_tree(spill)
+
+
+def choose_engine(engine: str, files: list, memory: int) -> str:
+    """``auto``: out-of-core when the input's bytes times ``AUTO_FACTOR`` exceed the memory
+    limit (the in-memory engine holds ~10-15x a Parquet input's size), else in memory."""
+    if engine != "auto":
+        return engine
+    return "out-of-core" if total_size(files) * AUTO_FACTOR > memory else "memory"
+
+
+def _memory_writer(prep: Prepared, num_shards: int, row_group_size: int):
+    def write(stage: Path) -> list[dict]:
+        write_items(prep.item_ids, prep.item_counts, stage)
+        return write_users(prep, stage, num_shards=num_shards, row_group_size=row_group_size)
+
+    return write
+
+
+def _run_out_of_core(*, files, fmt, spill: Path, memory: int, workers, output: Path, **kw):
+    from dist_tp.data import outofcore
+
+    urls = [f.url for f in files]
+    used = list((YAMBDA_COLUMNS if fmt == "yambda" else kw["columns"] or {}).values())
+    file_rows = parquet_file_rows(urls, used) if fmt in PARQUET_FORMATS else None
+    rows = sum(file_rows) if file_rows is not None else total_size(files) // 8 + 1
+    spill.mkdir()
+    plan = outofcore.plan(rows, memory, spill, workers)
+    log.info(
+        "out-of-core: %d files, ~%d rows, %d buckets, %d workers, memory limit %.1f GB",
+        len(files),
+        rows,
+        plan.buckets,
+        plan.workers,
+        memory / 1e9,
+    )
+    # meta.json needs the engine's statistics: it writes its staging folder first, and
+    # _publish adopts it.
+    stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        res = outofcore.run(files=urls, file_rows=file_rows, fmt=fmt, out=stage, plan_=plan, **kw)
+        write_items(res.item_ids, res.item_counts, stage)
+    except BaseException:
+        _remove_tree(stage)
+        raise
+    res.stage = stage
+    return res
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Staging, spill and set-aside folders of runs killed before they cleaned up (the lock
+    on ``output`` is held, so none of them is in use)."""
+    for pattern in ("staging", "old", "spill"):
+        for stale in output.parent.glob(f".{output.name}.{pattern}-*"):
+            _remove_tree(stale)
+
+
+def _publish(
+    output: Path,
+    shown: str,
+    meta: dict,
+    started: float,
+    *,
+    write=None,
+    stage: Path | None = None,
+    shards: list[dict] | None = None,
+) -> dict:
+    """Write the folder into staging with ``write(stage) -> shards`` (or adopt ``stage``, the
+    out-of-core engine's), rename it into place; nothing is left of it on an error."""
+    try:
+        if stage is None:
+            stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+            stage.mkdir()
+            shards = write(stage)
+        meta["shards"] = shards
         meta["seconds"] = round(time.perf_counter() - started, 3)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if output.exists():  # a prepared folder (--force) or an empty one: move it aside
@@ -366,10 +521,12 @@ def _prepare_locked(
         else:
             os.replace(stage, output)
     except OSError as exc:  # disk full, a folder made read-only meanwhile, ...
-        _remove_tree(stage)
+        if stage is not None:
+            _remove_tree(stage)
         raise DataError(f"{shown}: cannot write the prepared folder: {_os_reason(exc)}") from exc
     except BaseException:
-        _remove_tree(stage)
+        if stage is not None:
+            _remove_tree(stage)
         raise
     return meta
 

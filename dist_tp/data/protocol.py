@@ -70,7 +70,7 @@ class Prepared:
         return np.diff(self.offsets)
 
 
-def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dense_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique values, code of each value); codes follow the ascending original-id order.
 
     Hash-based (pyarrow's dictionary encoding), then only the small dictionary is sorted.
@@ -91,7 +91,7 @@ def _mask_rows(keep: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     return [a[keep] for a in arrays]
 
 
-def _time_order(ucode: np.ndarray, ts: np.ndarray, line: np.ndarray) -> np.ndarray:
+def time_order(ucode: np.ndarray, ts: np.ndarray, line: np.ndarray) -> np.ndarray:
     """Row order by (user, timestamp, input line): one stable sort on a packed key when
     (user, timestamp) fit in 63 bits, else two stable sorts."""
     t0, span = int(ts.min()), int(ts.max()) - int(ts.min()) + 1
@@ -101,7 +101,7 @@ def _time_order(ucode: np.ndarray, ts: np.ndarray, line: np.ndarray) -> np.ndarr
     return order[np.argsort(ucode[order], kind="stable")]
 
 
-def _first_of_duplicates(ucode, icode, ts, line) -> np.ndarray | None:
+def first_of_duplicates(ucode, icode, ts, line) -> np.ndarray | None:
     """Mask keeping the earliest row (by timestamp, then line) of each (user, item) pair, or
     None when there is no duplicate. A hash aggregation (min of a packed (timestamp, line)
     value per pair), no sort."""
@@ -126,11 +126,11 @@ def _first_of_duplicates(ucode, icode, ts, line) -> np.ndarray | None:
 def apply_protocol(raw: Interactions, opts: ProtocolOptions) -> Prepared:
     """Run the protocol; raises DataError when nothing is left after filtering."""
     n = len(raw.user)
-    users, ucode = _dense_codes(raw.user)
-    items, icode = _dense_codes(raw.item)
+    users, ucode = dense_codes(raw.user)
+    items, icode = dense_codes(raw.item)
     line = np.arange(n, dtype=np.int64)
     ts = raw.ts if raw.ts is not None else line
-    keep = _first_of_duplicates(ucode, icode, ts, line)
+    keep = first_of_duplicates(ucode, icode, ts, line)
     if keep is not None:
         ucode, icode, ts, line = _mask_rows(keep, ucode, icode, ts, line)
     # The filters only count, so they run before the (expensive) time sort, on fewer rows.
@@ -148,7 +148,7 @@ def apply_protocol(raw: Interactions, opts: ProtocolOptions) -> Prepared:
             f"min_user_count={opts.min_user_count}); {n} interactions were read"
         )
     # Rows are still in input order, so a stable sort keeps input order for equal timestamps.
-    order = _time_order(ucode, ts, line)
+    order = time_order(ucode, ts, line)
     ucode, icode, ts = ucode[order], icode[order], ts[order]
 
     # Contiguous ids 1..N in ascending order of the original id.
@@ -233,8 +233,26 @@ def user_shards(user_ids: np.ndarray, num_shards: int) -> np.ndarray:
 
 def table2_stats(prep: Prepared) -> dict:
     """The paper's Table 2 figures plus the group counts."""
-    users, items, nnz = prep.num_users, prep.num_items, len(prep.items)
-    existing = ~prep.is_new
+    return summary_stats(
+        num_items=prep.num_items,
+        lengths=prep.lengths,
+        is_new=prep.is_new,
+        is_head=prep.is_head,
+        head_threshold=prep.head_threshold,
+    )
+
+
+def summary_stats(
+    *,
+    num_items: int,
+    lengths: np.ndarray,
+    is_new: np.ndarray,
+    is_head: np.ndarray,
+    head_threshold: dict,
+) -> dict:
+    """Table 2's figures from the per-user lengths, groups and head flags."""
+    users, items, nnz = len(lengths), num_items, int(lengths.sum())
+    existing = ~is_new
     return {
         "users": users,
         "items": items,
@@ -243,10 +261,10 @@ def table2_stats(prep: Prepared) -> dict:
         "records_per_item": nnz / items,
         "density": nnz / (users * items),
         "existing_users": int(existing.sum()),
-        "new_users": int(prep.is_new.sum()),
-        "existing_head": int((existing & prep.is_head).sum()),
-        "existing_tail": int((existing & ~prep.is_head).sum()),
-        "new_head": int((prep.is_new & prep.is_head).sum()),
-        "new_tail": int((prep.is_new & ~prep.is_head).sum()),
-        "head_threshold": prep.head_threshold,
+        "new_users": int(is_new.sum()),
+        "existing_head": int((existing & is_head).sum()),
+        "existing_tail": int((existing & ~is_head).sum()),
+        "new_head": int((is_new & is_head).sum()),
+        "new_tail": int((is_new & ~is_head).sum()),
+        "head_threshold": head_threshold,
     }

@@ -66,7 +66,15 @@ LAYOUTS: dict[str, TextLayout] = {
     "amazon-csv": TextLayout(",", (4,), 0, 1, 3, False, "','"),
     "seq-txt": TextLayout(" ", (2, 3), 0, 1, 2, True, "one space"),
 }
-FORMATS = (*LAYOUTS, "amazon-json", "csv", "parquet")
+CSV_ALIASES: dict[str, dict[str, str]] = {
+    # MovieLens 20M/25M/32M ratings.csv: header userId,movieId,rating,timestamp
+    name: {"user": "userId", "item": "movieId", "timestamp": "timestamp"}
+    for name in ("ml-20m", "ml-25m", "ml-32m")
+}
+YAMBDA_COLUMNS = {"user": "uid", "item": "item_id", "timestamp": "timestamp"}
+YAMBDA_EVENTS = ("listen", "like", "dislike", "unlike", "undislike")
+PARQUET_FORMATS = ("parquet", "yambda")
+FORMATS = (*LAYOUTS, "amazon-json", "csv", *CSV_ALIASES, *PARQUET_FORMATS)
 
 
 def read_bytes(path: str) -> bytes:
@@ -337,13 +345,19 @@ csv, ``file: row N`` for Parquet."""
 
 
 def _from_table(
-    path: str, digest: str, table: pa.Table, columns: dict[str, str], where: Where
+    path: str,
+    digest: str,
+    table: pa.Table,
+    columns: dict[str, str],
+    where: Where,
+    *,
+    allow_empty: bool = False,
 ) -> Interactions:
     """Map a generic table's columns (``columns`` = {user, item[, timestamp]} → column name).
     Integer id columns stay exact integers (int64, or uint64 when an id is >= 2**63); any
     other id column is read as strings."""
     _check_columns(path, table, columns)
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not allow_empty:
         raise DataError(f"{path}: no interactions in the input")
     out = {}
     for role in ("user", "item"):
@@ -371,6 +385,8 @@ def _from_table(
             bad = _first_non_int(col)
             raise DataError(f"{where(bad)}: timestamp {col[bad].as_py()!r} is not an integer")
         ts = col.to_numpy().astype(np.int64)
+    if allow_empty and not len(out["user"]):
+        return Interactions(out["user"], out["item"], ts, path, digest, 0)
     return _finish(path, digest, out["user"], out["item"], ts)
 
 
@@ -575,6 +591,172 @@ def read_parquet_table(
     return _from_table(path, digest, table, columns, lambda row: f"{path}: row {row + 1}")
 
 
+@dataclass(frozen=True)
+class YambdaOptions:
+    """Which of Yambda's events count as interactions."""
+
+    events: tuple[str, ...] = ("listen",)
+    min_played_ratio: int = 50
+    """A listen counts when ``played_ratio_pct`` is at least this (0 keeps every listen)."""
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.events if e not in YAMBDA_EVENTS]
+        if unknown or not self.events:
+            raise DataError(
+                f"--events: {unknown[0] if unknown else '(none)'!r} is not a Yambda event "
+                f"(known: {', '.join(YAMBDA_EVENTS)})"
+            )
+        if not 0 <= self.min_played_ratio <= 100:
+            raise DataError("--min-played-ratio must be in [0, 100]")
+
+    def to_dict(self) -> dict:
+        return {"events": list(self.events), "min_played_ratio": self.min_played_ratio}
+
+
+def yambda_event_of(path: str, table_columns: list[str]) -> str | None:
+    """The event type of a Yambda file without an ``event_type`` column, from its path
+    (``listens.parquet``, ``likes/part-0.parquet``, ...); None when the file has the column."""
+    if "event_type" in table_columns:
+        return None
+    for part in reversed(re.split(r"[/\\]", path)):
+        stem = part.split(".")[0]
+        for event in YAMBDA_EVENTS:
+            if stem == f"{event}s":
+                return event
+    raise DataError(
+        f"{path}: cannot tell its Yambda event type: no event_type column, and no "
+        f"{'/'.join(e + 's' for e in YAMBDA_EVENTS)} in its path"
+    )
+
+
+def yambda_rows(table: pa.Table, path: str, opts: YambdaOptions) -> pa.Table:
+    """The rows of a Yambda table that count: its event is one of ``opts.events``, and a
+    listen was played to at least ``opts.min_played_ratio`` percent. Adds ``_row`` (the
+    row's index in ``table``) so errors can name the original row."""
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    event = yambda_event_of(path, table.column_names)
+    if event is None:
+        kinds = table.column("event_type").cast(pa.string())
+        is_listen = pc.equal(kinds, "listen")
+        keep = pc.is_in(kinds, value_set=pa.array(list(opts.events)))
+    else:
+        if event not in opts.events:
+            return table.slice(0, 0)
+        is_listen = pa.scalar(event == "listen")
+        keep = pa.scalar(True)
+    if "listen" in opts.events and opts.min_played_ratio > 0:
+        if "played_ratio_pct" in table.column_names:
+            played = pc.greater_equal(table.column("played_ratio_pct"), opts.min_played_ratio)
+            keep = pc.and_(keep, pc.or_(pc.invert(is_listen), pc.fill_null(played, False)))
+        elif event == "listen":
+            raise DataError(f"{path}: listens without a played_ratio_pct column")
+    if isinstance(keep, pa.Scalar):
+        return table
+    return table.filter(keep)
+
+
+def parquet_batches(
+    path: str,
+    fmt: str,
+    columns: dict[str, str] | None,
+    yambda: YambdaOptions | None,
+    batch_rows: int,
+):
+    """Stream a Parquet file in batches of at most ``batch_rows`` rows: yields
+    ``(rows, Interactions)`` where ``rows`` are the batch rows' indices in the file (the
+    rows kept by Yambda's event filter), the same checks as the whole-file reader."""
+    columns = YAMBDA_COLUMNS if fmt == "yambda" else (columns or {})
+    try:
+        with open_parquet(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            _check_columns(path, pa.table({n: [] for n in names}), columns)
+            wanted = list(dict.fromkeys(columns.values()))
+            if fmt == "yambda":
+                extra = ["event_type", "played_ratio_pct"]
+                wanted += [n for n in extra if n in names]
+            start = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted, use_threads=False):
+                table = pa.Table.from_batches([batch])
+                if fmt == "yambda":
+                    table = yambda_rows(table, path, yambda or YambdaOptions())
+                    rows = table.column("_row").to_numpy() + start
+                else:
+                    rows = np.arange(start, start + table.num_rows, dtype=np.int64)
+                start += batch.num_rows
+                if table.num_rows == 0:
+                    continue
+                where = _row_namer(path, rows)
+                yield rows, _from_table(path, "", table, columns, where, allow_empty=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+
+
+def open_parquet(path: str):
+    """A seekable handle on a Parquet file: streamed from its filesystem, or decompressed
+    into memory when the file itself is compressed (``ratings.parquet.gz``)."""
+    if path.endswith((".gz", ".bz2", ".xz", ".zip", ".zst")):
+        return io.BytesIO(read_bytes(path))
+    return fsspec.open(path, "rb")
+
+
+def parquet_file_rows(paths: list[str], columns: list[str]) -> list[int]:
+    """Rows per Parquet file, from the footers; a DataError names two files whose
+    ``columns`` differ in type (or one lacks)."""
+    rows, first = [], None
+    for path in paths:
+        try:
+            with open_parquet(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+                schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: file not found") from exc
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+        types = {name: schema.field(name).type for name in schema.names if name in columns}
+        if first is None:
+            first = (path, types)
+        else:
+            for name in columns:
+                if first[1].get(name) != types.get(name):
+                    raise DataError(
+                        f"{path}: its schema differs from {first[0]}'s: column {name!r} is "
+                        f"{types.get(name, 'absent')} here and "
+                        f"{first[1].get(name, 'absent')} there"
+                    )
+        rows.append(meta.num_rows)
+    return rows
+
+
+def _row_namer(path: str, rows: np.ndarray) -> Where:
+    return lambda r: f"{path}: row {int(rows[r]) + 1}"
+
+
+def read_yambda(
+    path: str, yambda: YambdaOptions | None = None, *, encoding: str = "utf-8", **_: object
+) -> Interactions:
+    """One Yambda Parquet file (flat schema: uid, item_id, timestamp, and event_type or an
+    event named by the file, played_ratio_pct for listens), filtered to the chosen events."""
+    if codecs.lookup(encoding).name != "utf-8":
+        raise DataError("--encoding applies to the text formats, not to parquet")
+    data = read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+    _check_columns(path, table, YAMBDA_COLUMNS)
+    table = yambda_rows(table, path, yambda or YambdaOptions())
+    rows = table.column("_row").to_numpy()
+    result = _from_table(
+        path, digest, table, YAMBDA_COLUMNS, _row_namer(path, rows), allow_empty=True
+    )
+    result.raw_rows = int(rows.max()) + 1 if len(rows) else 0
+    return result
+
+
 def read_interactions(
     path: str,
     fmt: str,
@@ -582,18 +764,82 @@ def read_interactions(
     columns: dict[str, str] | None = None,
     on_bad_lines: str = "error",
     encoding: str = "utf-8",
+    yambda: YambdaOptions | None = None,
 ) -> Interactions:
     """Read ``path`` in format ``fmt`` (one of ``FORMATS``); ``encoding``: of the text
     formats' bytes (``latin-1`` for an export that is not UTF-8)."""
     if on_bad_lines not in ("error", "skip"):
         raise DataError(f"--on-bad-lines must be 'error' or 'skip', got {on_bad_lines!r}")
+    if fmt in CSV_ALIASES:
+        fmt, columns = "csv", {**CSV_ALIASES[fmt], **(columns or {})}
     readers: dict[str, Callable[..., Interactions]] = {
         "amazon-json": read_amazon_json,
         "csv": lambda p, **kw: read_csv_table(p, columns or {}, **kw),
         "parquet": lambda p, **kw: read_parquet_table(p, columns or {}, **kw),
+        "yambda": lambda p, **kw: read_yambda(p, yambda, **kw),
     }
     if fmt in LAYOUTS:
         return read_text(path, fmt, on_bad_lines=on_bad_lines, encoding=encoding)
     if fmt in readers:
         return readers[fmt](path, on_bad_lines=on_bad_lines, encoding=encoding)
     raise DataError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def read_many(
+    paths: list[str],
+    fmt: str,
+    *,
+    columns: dict[str, str] | None = None,
+    on_bad_lines: str = "error",
+    encoding: str = "utf-8",
+    yambda: YambdaOptions | None = None,
+) -> Interactions:
+    """Read several files of one format as one log, rows in the order of ``paths``: their
+    ids must be of one kind (all integers or all text), else a DataError names two files.
+    ``sha256`` is the single file's content hash, or a hash of the files' content hashes."""
+    parts = [
+        read_interactions(
+            p, fmt, columns=columns, on_bad_lines=on_bad_lines, encoding=encoding, yambda=yambda
+        )
+        for p in paths
+    ]
+    if len(parts) == 1:
+        if not len(parts[0].user):
+            raise DataError(f"{paths[0]}: no interactions in the input (after the event filter)")
+        return parts[0]
+    first = parts[0]
+    for part in parts[1:]:
+        for role in ("user", "item"):
+            a, b = getattr(first, role), getattr(part, role)
+            if (a.dtype == object) != (b.dtype == object):
+                raise DataError(
+                    f"{part.source}: its {role} ids are "
+                    f"{'text' if b.dtype == object else 'integers'} but those of "
+                    f"{first.source} are {'text' if a.dtype == object else 'integers'}"
+                )
+        if (first.ts is None) != (part.ts is None):
+            raise DataError(
+                f"{part.source}: {'no' if part.ts is None else 'a'} timestamp column, unlike "
+                f"{first.source}"
+            )
+    if not sum(len(p.user) for p in parts):
+        raise DataError(f"{paths[0]}: no interactions in the {len(paths)} files")
+
+    def joined(role: str) -> np.ndarray:
+        arrays = [getattr(p, role) for p in parts]
+        if any(a.dtype == np.uint64 for a in arrays) and not all(
+            a.dtype == np.uint64 for a in arrays
+        ):
+            return np.concatenate([a.astype(object) for a in arrays])
+        return np.concatenate(arrays)
+
+    digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()
+    return Interactions(
+        joined("user"),
+        joined("item"),
+        None if first.ts is None else np.concatenate([p.ts for p in parts]),
+        f"{paths[0]} (+{len(paths) - 1} files)",
+        digest,
+        sum(p.raw_rows for p in parts),
+        sum(p.skipped_rows for p in parts),
+    )
