@@ -94,6 +94,62 @@ def _yambda_options(args: argparse.Namespace):
     return YambdaOptions(events=events, min_played_ratio=args.min_played_ratio)
 
 
+def _count(text: str) -> int:
+    """1000000, 1_000_000, 1e6, 1M, 2.5B: a count."""
+    raw = text.strip().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(raw[-1:].lower(), 1)
+    try:
+        value = float(raw[:-1] if scale > 1 else raw) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 1e6, 1M)") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole count")
+    return int(value)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dist_tp.data.prepare import leave_if_cli
+    from dist_tp.data.synth import SynthOptions, synthesize
+
+    try:
+        options = SynthOptions(
+            events=args.events,
+            users=args.users,
+            items=args.items,
+            seed=args.seed,
+            schema=args.schema,
+            item_exponent=args.item_exponent,
+            user_exponent=args.user_exponent,
+            clusters=args.clusters,
+            p_next=args.p_next,
+            p_stay=args.p_stay,
+            rows_per_file=args.rows_per_file,
+            workers=args.workers,
+        )
+        summary = synthesize(options, args.output)
+    except DataError as exc:
+        leave_if_cli(f"error: {exc}", 2)
+        raise
+    except KeyboardInterrupt:
+        leave_if_cli("interrupted", 130)
+        raise
+    rate = summary["events"] / max(summary["seconds"], 1e-9)
+    print(
+        f"{summary['events']:,} events, {summary['users']:,} users, {summary['items']:,} items "
+        f"in {len(summary['files'])} files under {args.output} "
+        f"({summary['seconds']:.1f} s, {rate / 1e6:.1f}M events/s)"
+    )
+    if args.schema == "yambda":
+        print(f"prepare it with: dist-tp prepare --input {args.output} --format yambda ...")
+    else:
+        print(
+            f"prepare it with: dist-tp prepare --input {args.output} --format parquet "
+            "--columns user=user,item=item,timestamp=timestamp ..."
+        )
+    leave_if_cli(None, 0)
+    return 0
+
+
 def format_stats(meta: dict) -> str:
     s = meta["stats"]
     rows = [
@@ -496,6 +552,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="yambda: a listen counts when played_ratio_pct >= this (default 50; 0: all)",
     )
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "synth",
+        help="generate an industrial-like interaction log (Parquet) for tests and benchmarks",
+        description="Long-tailed users, Zipf item popularity, items in latent clusters with "
+        "planted successors (a sequential signal a model can learn), timestamps. "
+        "Deterministic by seed whatever --workers; memory bounded (chunks of users).",
+    )
+    p.add_argument("--events", type=_count, required=True, help="total events (e.g. 100M)")
+    p.add_argument("--users", type=_count, required=True)
+    p.add_argument("--items", type=_count, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="folder to write (absent or empty)")
+    p.add_argument(
+        "--schema",
+        choices=("generic", "yambda"),
+        default="generic",
+        help="generic: part-*.parquet with user, item, timestamp (int64); yambda: Yambda's "
+        "flat schema, listens/ and likes/",
+    )
+    p.add_argument("--item-exponent", type=float, default=1.1, help="Zipf exponent of items")
+    p.add_argument(
+        "--user-exponent", type=float, default=1.5, help="tail index of user activity (Lomax)"
+    )
+    p.add_argument("--clusters", type=int, help="latent item clusters (default ~sqrt(items))")
+    p.add_argument("--p-next", type=float, default=0.3, help="P(planted successor)")
+    p.add_argument("--p-stay", type=float, default=0.5, help="P(same cluster)")
+    p.add_argument("--rows-per-file", type=_count, default=5_000_000)
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("stats", help="print the Table-2 summary of a prepared folder")
     p.add_argument("dir")

@@ -415,10 +415,12 @@ def test_memory_limit_is_checked(tmp_path):
 
 
 def test_the_bucket_plan_fits_each_worker_in_its_share(tmp_path):
-    """Buckets sized so that a worker's bucket fits its share of the budget (the parent's
-    per-user and per-item state takes one share), at every input size."""
+    """Buckets sized so that the processes' own footprint plus a worker's bucket per worker
+    plus the parent's share (its per-user and per-item state) stay within the budget, at
+    every input size."""
     assert outofcore.plan(10**6, 2 * 10**9, tmp_path, workers=2).buckets == 2
     for rows in (10**6, 10**8, 10**9, 5 * 10**9):
         plan = outofcore.plan(rows, 2 * 10**9, tmp_path, workers=2)
-        share = 2 * 10**9 // 3
-        assert rows / plan.buckets * outofcore.BYTES_PER_ROW <= share * 1.01
+        bucket = rows / plan.buckets * outofcore.BYTES_PER_ROW
+        assert 4 * outofcore.PROCESS_BYTES + 3 * bucket <= 2 * 10**9 * 1.01
+        assert plan.buckets % 2 == 0  # both workers busy to the last round

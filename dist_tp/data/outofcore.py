@@ -7,9 +7,11 @@ unchanged):
 
 1. *scatter*: the input files are streamed in batches (Parquet row batches; the text formats
    file by file) by a pool of worker processes; each row goes to bucket ``hash(user) mod B`` as
-   (user, item, timestamp, line), ``line`` being the row's place in the whole input.
-2. *dedup*, per bucket: the duplicate (user, item) pairs keep their earliest row, rows are
-   sorted by (user, timestamp, line) and written back; the item counts go to the parent.
+   (user, item, timestamp), into one spill file per (bucket, input file).
+2. *dedup*, per bucket: its spill files read in input-file order give its rows in input
+   order (the tie-break of equal timestamps); the duplicate (user, item) pairs keep their
+   earliest row, rows are sorted by (user, timestamp, input order) and written back; the item
+   counts go to the parent.
 3. the parent keeps the items with enough interactions.
 4. *count*, per bucket: the users with enough interactions on kept items, and the items
    they touch.
@@ -26,11 +28,15 @@ size; the global state is O(#users + #items). The output equals the in-memory en
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import multiprocessing
 import os
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +65,13 @@ from dist_tp.data.readers import (
     read_interactions,
 )
 
+log = logging.getLogger(__name__)
 MIN_ROWS_PER_BUCKET = 100_000
 BYTES_PER_ROW = 160
 """Working bytes per event of a bucket being processed (measured peak, with headroom)."""
-SPILL_COMPRESSION = "lz4"
-LINE_BITS = 40
-"""A row's line is (file index << LINE_BITS) + its row in the file: input order."""
+PROCESS_BYTES = 160 * 10**6
+"""What a Python process with numpy and pyarrow holds before any data (measured ~150 MB)."""
+SPILL_COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
@@ -101,11 +108,16 @@ class OutOfCoreResult:
 
 
 def plan(rows: int, memory_limit: int, spill: Path, workers: int | None = None) -> Plan:
-    """Buckets so that each worker's bucket fits its share of ``memory_limit``."""
+    """Buckets so that each worker's bucket fits its share of ``memory_limit`` (at most
+    65,535 buckets: 10^12 rows at 2 GB)."""
     workers = max(1, min(workers or os.cpu_count() or 1, 16))
-    share = memory_limit // (workers + 1)  # the parent's O(users + items) state: one share
+    # the parent, the forkserver and the workers each hold PROCESS_BYTES; the rest is split
+    # into a share per worker and one for the parent's O(users + items) state
+    free = max(memory_limit - (workers + 2) * PROCESS_BYTES, memory_limit // 4)
+    share = free // (workers + 1)
     rows_per_bucket = max(MIN_ROWS_PER_BUCKET, share // BYTES_PER_ROW)
     buckets = max(workers, math.ceil(rows / rows_per_bucket))
+    buckets = math.ceil(buckets / workers) * workers  # every worker busy to the last round
     batch_rows = int(min(1 << 20, max(16_384, share // (4 * BYTES_PER_ROW))))
     return Plan(buckets, workers, batch_rows, spill)
 
@@ -154,17 +166,23 @@ def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
         ):
             has_ts = raw.ts is not None
             rows, skipped = max(rows, raw.raw_rows), skipped + raw.skipped_rows
-            line = (np.int64(index) << np.int64(LINE_BITS)) + lines
             ts = raw.ts if raw.ts is not None else lines + offset
-            bucket = _bucket_of(raw.user, plan_.buckets)
-            order = np.argsort(bucket, kind="stable")
+            user, item = raw.user, raw.item
+            # A repeated (user, item) pair that is not the earliest within its batch cannot be
+            # the earliest of the log: dropped here, it is neither spilled nor sorted later.
+            _, ucode = _codes(user)
+            _, icode = _codes(item)
+            keep = first_of_duplicates(ucode, icode, ts, np.arange(len(ts), dtype=np.int64))
+            if keep is not None:
+                user, item, ts = user[keep], item[keep], ts[keep]
+            bucket = _bucket_of(user, plan_.buckets).astype(np.uint16)
+            order = np.argsort(bucket, kind="stable")  # a radix sort on 16 bits
             bounds = np.searchsorted(bucket[order], np.arange(plan_.buckets + 1))
             table = pa.table(
                 {
-                    "user": _id_arrow(raw.user),
-                    "item": _id_arrow(raw.item),
+                    "user": _id_arrow(user),
+                    "item": _id_arrow(item),
                     "ts": pa.array(ts.astype(np.int64, copy=False)),
-                    "line": pa.array(line),
                 }
             ).take(pa.array(order))
             for b in np.flatnonzero(np.diff(bounds)):
@@ -174,7 +192,9 @@ def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
                     sink = pa.OSFile(str(path), "wb")
                     sinks.append(sink)
                     writers[b] = ipc.new_stream(
-                        sink, part.schema, options=ipc.IpcWriteOptions(compression="lz4")
+                        sink,
+                        part.schema,
+                        options=ipc.IpcWriteOptions(compression=SPILL_COMPRESSION),
                     )
                 writers[b].write_table(part)
     finally:
@@ -223,8 +243,8 @@ def _dedup_bucket(task: tuple) -> tuple[pa.Table, int]:
     table = _read_bucket(paths)  # file order, then row order: input order
     user, item = _ids(table.column("user")), _ids(table.column("item"))
     ts = table.column("ts").to_numpy()
-    _, ucode = dense_codes(user)
-    items, icode = dense_codes(item)
+    _, ucode = _codes(user)
+    items, icode = _codes(item)
     local = np.arange(len(ts), dtype=np.int64)
     keep = first_of_duplicates(ucode, icode, ts, local)
     if keep is not None:
@@ -235,9 +255,7 @@ def _dedup_bucket(task: tuple) -> tuple[pa.Table, int]:
     _write_ipc(out, table)
     for path in paths:
         os.unlink(path)
-    counts = np.bincount(icode, minlength=len(items))
-    present = np.flatnonzero(counts)
-    return pa.table({"item": _id_arrow(items[present]), "count": counts[present]}), len(order)
+    return _counts_table(items, icode), len(order)
 
 
 def _write_ipc(path: Path, table: pa.Table) -> None:
@@ -267,10 +285,45 @@ def _load_dedup(bucket: int, plan_: Plan) -> pa.Table | None:
     return _read_bucket([str(path)]) if path.exists() else None
 
 
+def _direct(lo: int, hi: int, n: int) -> bool:
+    """Whether integer ids in [lo, hi] can index a table directly (non-negative, and a range
+    not much wider than the ``n`` ids or 16M)."""
+    return lo >= 0 and hi - lo < max(4 * n, 1 << 24)
+
+
+def _codes(ids: np.ndarray) -> tuple[np.ndarray | int, np.ndarray]:
+    """Order-preserving integer codes of ``ids``: ``(min, ids - min)`` for compact
+    non-negative integer ids (no hashing, no sort), else ``dense_codes``'s ``(uniques, codes)``.
+    Either orders and groups rows exactly as ``dense_codes`` does."""
+    if ids.dtype.kind in "iu" and len(ids):
+        lo, hi = int(ids.min()), int(ids.max())
+        if _direct(lo, hi, len(ids)):
+            return lo, ids.astype(np.int64, copy=False) - lo
+    return dense_codes(ids)
+
+
+def _counts_table(key: np.ndarray | int, codes: np.ndarray) -> pa.Table:
+    """(original id, count) of ids coded by ``_codes`` (``key``: its first result)."""
+    counts = np.bincount(codes)
+    present = np.flatnonzero(counts)
+    original = present + key if isinstance(key, int) else key[present]
+    return pa.table({"item": _id_arrow(original), "count": counts[present]})
+
+
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Whether each value is in ``sorted_set``, and its position there."""
+    """Whether each value is in ``sorted_set``, and its position there: a direct table for
+    compact integer ids, else a binary search."""
     if not len(sorted_set):
         return np.zeros(len(values), dtype=bool), np.zeros(len(values), dtype=np.int64)
+    if sorted_set.dtype.kind in "iu" and values.dtype.kind in "iu":
+        lo, hi = int(sorted_set[0]), int(sorted_set[-1])
+        if _direct(lo, hi, len(sorted_set)):
+            table = np.full(hi - lo + 2, -1, dtype=np.int64)  # the last slot: out of range
+            table[np.asarray(sorted_set) - lo] = np.arange(len(sorted_set))
+            offset = values.astype(np.int64, copy=False) - lo
+            offset[(offset < 0) | (offset > hi - lo)] = hi - lo + 1
+            pos = table[offset]
+            return pos >= 0, np.maximum(pos, 0)
     pos = np.searchsorted(sorted_set, values)
     pos = np.minimum(pos, len(sorted_set) - 1)
     return sorted_set[pos] == values, pos
@@ -294,16 +347,19 @@ def _count_bucket(task: tuple) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     if table is None:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), empty
     ok, user = _kept_rows(table, kept_items)
-    users, ucode = dense_codes(user) if len(user) else (user, np.array([], dtype=np.int64))
-    lengths = np.bincount(ucode, minlength=len(users))
+    if not len(user):
+        return user, np.array([], dtype=np.int64), empty
+    # rows are sorted by user: runs of equal ids
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    lengths = np.diff(np.r_[starts, len(user)])
     good = lengths >= min_user_count
-    rows = good[ucode]
+    rows = np.repeat(good, lengths)
     item = _ids(table.column("item"))[ok][rows]
+    users = user[starts]
     if not len(item):
         return users[good], lengths[good], empty
-    items, icode = dense_codes(item)
-    counts = np.bincount(icode, minlength=len(items))
-    return users[good], lengths[good], pa.table({"item": _id_arrow(items), "count": counts})
+    items, icode = _codes(item)
+    return users[good], lengths[good], _counts_table(items, icode)
 
 
 def _lists_bucket(task: tuple) -> None:
@@ -421,12 +477,26 @@ def _sum_counts(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
     return uniq, counts[order]
 
 
-def _pool(workers: int):
-    return multiprocessing.get_context("fork").Pool(workers)
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes started from a fresh server process (forkserver; spawn where there is
+    none): never forked from this process's threads (pyarrow's pools), and the caller's
+    ``__main__`` is not imported again. A worker that dies breaks the pool (an error) instead
+    of hanging it."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
-def _imap(pool, fn, tasks: list) -> Iterator:
-    return pool.imap(fn, tasks) if pool is not None else map(fn, tasks)
+def _imap(pool: ProcessPoolExecutor | None, fn, tasks: list) -> Iterator:
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    try:
+        yield from pool.map(fn, tasks)
+    except BrokenProcessPool as exc:
+        raise DataError(f"a worker process of the out-of-core engine died: {exc}") from None
 
 
 def run(
@@ -450,6 +520,7 @@ def run(
         (plan_.spill / sub).mkdir(parents=True, exist_ok=True)
     offsets = np.r_[0, np.cumsum(file_rows)] if file_rows is not None else None
     pool = _pool(plan_.workers) if plan_.workers > 1 else None
+    clock = _Clock()
     try:
         # 1. scatter. Text formats run one file after another: a file's rows numbered from the
         # kept rows of the files before it (their timestamps when the input has none).
@@ -476,6 +547,7 @@ def run(
         if len(has_ts) > 1:
             raise DataError(f"{source}: some files have a timestamp column and some do not")
         buckets = list(range(plan_.buckets))
+        clock.lap("2")
         # 2. dedup
         item_tables, rows = [], 0
         for counts, n in _imap(pool, _dedup_bucket, [(b, plan_) for b in buckets]):
@@ -483,10 +555,12 @@ def run(
             rows += n
         if rows == 0:
             raise DataError(f"{source}: no interactions in the input")
+        clock.lap("3")
         # 3. items with enough interactions
         items, counts = _sum_counts(item_tables)
         _share(plan_, kept_items=items[counts >= options.min_item_count])
         del items, counts
+        clock.lap("4")
         # 4. users with enough interactions on kept items
         user_parts, length_parts, final_tables = [], [], []
         tasks = [(b, plan_, options.min_user_count) for b in buckets]
@@ -494,6 +568,7 @@ def run(
             user_parts.append(users)
             length_parts.append(lengths)
             final_tables.append(item_counts)
+        clock.lap("5")
         # 5. ids, new users, head users, shards
         final_items, item_counts = _sum_counts(final_tables)
         all_users = np.concatenate(user_parts) if user_parts else np.array([])
@@ -509,6 +584,7 @@ def run(
         is_new = split_new_users(len(user_ids), options.new_user_fraction, options.seed)
         is_head, thresholds = head_users(lengths, is_new, options.head_fraction)
         shard_of = user_shards(user_ids, num_shards)
+        clock.lap("6")
         # 6. lists
         _share(
             plan_,
@@ -520,6 +596,7 @@ def run(
         )
         for _ in _imap(pool, _lists_bucket, [(b, plan_) for b in buckets]):
             pass
+        clock.lap("7")
         # 7. merge
         (out / "users").mkdir()
         budget = max(row_group_size, plan_.batch_rows * 4)
@@ -528,10 +605,10 @@ def run(
             rows_ = np.flatnonzero(shard_of == shard)
             tasks.append((shard, plan_, rows_, lengths[rows_], out, row_group_size, budget))
         shards = list(_imap(pool, _merge_shard, tasks))
+        clock.lap("8")
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return OutOfCoreResult(
         item_ids=final_items,
         item_counts=item_counts,
@@ -545,6 +622,28 @@ def run(
         skipped_rows=skipped,
         has_timestamps=bool(has_ts and has_ts.pop()),
     )
+
+
+class _Clock:
+    """Logs each step's seconds (the steps of the module's doc)."""
+
+    NAMES = {
+        "2": "scatter",
+        "3": "dedup",
+        "4": "item filter",
+        "5": "user filter",
+        "6": "ids and splits",
+        "7": "lists",
+    }
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        name = self.NAMES.get(step, "merge")
+        log.info("out-of-core: %s took %.1f s", name, now - self.last)
+        self.last = now
 
 
 def _sorted_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

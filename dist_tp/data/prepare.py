@@ -340,7 +340,7 @@ def _prepare_locked(
     workers: int | None,
 ) -> dict:
     started = time.perf_counter()
-    files = list_inputs(input_path)
+    files = list_inputs(input_path, parquet=fmt in PARQUET_FORMATS)
     fingerprint = files_fingerprint(files)
     settings = {
         "format": fmt,

@@ -31,14 +31,17 @@ class InputFile:
     """Modification time or ETag: with the size, what the fingerprint covers."""
 
 
-def _is_data_file(name: str) -> bool:
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _is_data_file(name: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> bool:
     base = os.path.basename(name)
     if base.startswith((".", "_")):  # hidden files, _SUCCESS, _metadata
         return False
     for suffix in COMPRESSED:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
-    return base.endswith(DATA_SUFFIXES) or "." not in base
+    return base.endswith(suffixes) or (suffixes is DATA_SUFFIXES and "." not in base)
 
 
 def _stamp(info: dict) -> str:
@@ -49,25 +52,26 @@ def _stamp(info: dict) -> str:
     return ""
 
 
-def list_inputs(path: str) -> list[InputFile]:
+def list_inputs(path: str, parquet: bool = False) -> list[InputFile]:
     """The files of ``path`` (a file, a folder searched recursively for data files, or a glob),
-    sorted; a DataError names ``path`` when nothing matches."""
+    sorted; a DataError names ``path`` when nothing matches. ``parquet``: a folder's data files
+    are its ``.parquet``/``.pq`` files (not a ``synth.json`` or ``README`` beside them)."""
     try:
         fs, root = fsspec.core.url_to_fs(path)
-        return _list(fs, root, path)
+        return _list(fs, root, path, PARQUET_SUFFIXES if parquet else DATA_SUFFIXES)
     except DataError:
         raise
     except (OSError, ValueError, ImportError) as exc:
         raise DataError(f"{path}: cannot list the input: {exc}") from exc
 
 
-def _list(fs, root: str, path: str) -> list[InputFile]:
+def _list(fs, root: str, path: str, suffixes: tuple[str, ...]) -> list[InputFile]:
     if _has_glob(path):
         names = [n for n in fs.glob(root) if not fs.isdir(n)]
         if not names:
             raise DataError(f"{path}: no file matches")
     elif fs.isdir(root):
-        names = [n for n in fs.find(root) if _is_data_file(n)]
+        names = [n for n in fs.find(root) if _is_data_file(n, suffixes)]
         if not names:
             raise DataError(f"{path}: a folder with no data file in it")
     elif fs.exists(root):
