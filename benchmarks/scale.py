@@ -9,8 +9,8 @@ events below that) and are kept in ``--work`` for the next run; each ``prepare``
 own ``dist-tp`` process. Every 0.2 s the script sums the RSS of that process tree (the
 engine's workers included) and the bytes under the output's spill folder (the staging folder
 is the output itself, written once): the peaks of those sums are "peak RSS" and "peak temp
-disk". The output's size is that of the prepared folder. ``--memory-max`` (default 10M): the largest log the in-memory engine is
-also run on (it needs ~140 MB per million events).
+disk". The output's size is that of the prepared folder. ``--memory-max`` (default 10M):
+the largest log the in-memory engine is also run on (it needs ~140 MB per million events).
 """
 
 from __future__ import annotations
