@@ -241,11 +241,14 @@ class EvalConfig:
     """Mask the items already in the user's input (never the target)."""
     batch_size: int = 512
     """Users ranked at once during evaluation."""
+    item_chunk: int = 65_536
+    """Items scored at once: a larger catalogue is ranked in chunks of this many items,
+    counting (never holding) the scores, so memory is batch_size x item_chunk floats."""
 
     def __post_init__(self) -> None:
         if not self.ks:
             raise ConfigError("eval.ks must list at least one N")
-        _check_at_least("eval", 1, batch_size=self.batch_size)
+        _check_at_least("eval", 1, batch_size=self.batch_size, item_chunk=self.item_chunk)
         _check_at_least("eval", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores
+from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores, ranks_in_chunks
 
 
 def test_plain_ranks() -> None:
@@ -97,3 +97,47 @@ def test_finalize_with_no_users() -> None:
     sums = metric_sums(torch.tensor([], dtype=torch.long), [1, 10])
     assert sums["count"] == 0.0
     assert finalize(sums, 0) == {"HR@1": 0.0, "NDCG@1": 0.0, "HR@10": 0.0, "NDCG@10": 0.0}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50, 51])
+def test_ranks_in_item_chunks_equal_the_whole_matrix(chunk) -> None:
+    """Ranking the catalogue a chunk of items at a time gives the ranks of the whole score
+    matrix: ties (integer scores), the history mask, a target inside its own history,
+    padding in column 0, a NaN target."""
+    gen = torch.Generator().manual_seed(0)
+    batch, cols = 40, 51
+    scores = torch.randint(0, 6, (batch, cols), generator=gen).float()  # many ties
+    scores[3, 0] = 100.0  # padding never ranked
+    targets = torch.randint(1, cols, (batch,), generator=gen)
+    history = torch.randint(0, cols, (batch, 9), generator=gen)
+    history[5, 2] = targets[5]  # never masked
+    scores[7, targets[7]] = float("nan")
+    whole = ranks_from_scores(scores, targets, history=history)
+    chunked = ranks_in_chunks(
+        lambda lo, hi: scores[:, lo:hi], cols, targets, history=history, chunk=chunk
+    )
+    assert torch.equal(whole, chunked)
+    assert chunked[7] == cols - 1
+    plain = ranks_in_chunks(lambda lo, hi: scores[:, lo:hi], cols, targets, chunk=chunk)
+    assert torch.equal(plain, ranks_from_scores(scores, targets))
+
+
+def test_evaluation_in_item_chunks_gives_the_same_figures(prepared) -> None:
+    """``eval.item_chunk`` smaller than the catalogue: every figure of every split and group
+    as with the whole score matrix, for a model and for popularity (all ties)."""
+    import numpy as np
+
+    from dist_tp.config import load_config
+    from dist_tp.evaluation.evaluate import evaluate
+    from dist_tp.models import build_model
+    from dist_tp.models.scoring import Popularity
+
+    path = prepared("ml-100k")
+    cfg = load_config("configs/tiny.yaml", ["data.path=" + path])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1349)
+    pop = Popularity(np.random.default_rng(0).integers(0, 30, 1350))
+    for m in (model, pop):
+        kw = dict(max_len=cfg.model.max_len, ks=[1, 10, 50], batch_size=128)
+        whole = evaluate(m, path, **kw)
+        assert evaluate(m, path, item_chunk=97, **kw) == whole

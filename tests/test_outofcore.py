@@ -225,6 +225,32 @@ def test_an_unwritable_output_is_refused_before_reading(tmp_path):
         )
 
 
+def test_a_full_disk_is_one_error_and_leaves_no_staging_or_spill(tmp_path, monkeypatch):
+    import errno
+
+    write_event_log(tmp_path / "log", events=20_000, users=500, items=800)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outofcore.pq, "write_table", full)  # workers=1: in this process
+    with pytest.raises(DataError) as err:
+        prepare(
+            input_path=str(tmp_path / "log"),
+            fmt="parquet",
+            columns=_cols(),
+            output=tmp_path / "out",
+            options=LOOSE,
+            engine="out-of-core",
+            workers=1,
+        )
+    assert str(err.value) == (
+        f"{tmp_path / 'out'}: cannot write the prepared folder or its spill: "
+        "[Errno 28] No space left on device"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
 KILLABLE = """
 import sys, time
 from dist_tp.data import outofcore

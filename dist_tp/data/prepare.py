@@ -392,22 +392,27 @@ def _prepare_locked(
             stats = table2_stats(prep)
             write = _memory_writer(prep, num_shards, row_group_size)
         else:
-            result = _run_out_of_core(
-                files=files,
-                fmt=fmt,
-                columns=columns,
-                yambda=yambda,
-                on_bad_lines=on_bad_lines,
-                encoding=encoding,
-                options=options,
-                num_shards=num_shards,
-                row_group_size=row_group_size,
-                spill=spill,
-                memory=memory,
-                workers=workers,
-                source=str(input_path),
-                output=output,
-            )
+            try:
+                result = _run_out_of_core(
+                    files=files,
+                    fmt=fmt,
+                    columns=columns,
+                    yambda=yambda,
+                    on_bad_lines=on_bad_lines,
+                    encoding=encoding,
+                    options=options,
+                    num_shards=num_shards,
+                    row_group_size=row_group_size,
+                    spill=spill,
+                    memory=memory,
+                    workers=workers,
+                    source=str(input_path),
+                    output=output,
+                )
+            except OSError as exc:  # a full disk, a spill or staging folder made unwritable
+                raise DataError(
+                    f"{shown}: cannot write the prepared folder or its spill: {_os_reason(exc)}"
+                ) from exc
             stats, write = result.stats(), None
             raw_rows, skipped, has_ts = result.raw_rows, result.skipped_rows, result.has_timestamps
         meta = {

@@ -15,7 +15,12 @@ import torch
 from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import Queries, eval_queries
 from dist_tp.data.stream import PreparedData, UserStream, to_sequences
-from dist_tp.evaluation.metrics import finalize, metric_sums, ranks_from_scores
+from dist_tp.evaluation.metrics import (
+    finalize,
+    metric_sums,
+    ranks_from_scores,
+    ranks_in_chunks,
+)
 
 GROUPS = ("all", "head", "tail")
 # split → (role, offset of the target from the end of the sequence)
@@ -26,15 +31,29 @@ SPLITS = {
 
 
 @torch.no_grad()
-def _rank(model, q: Queries, *, exclude_history: bool, chunk: int) -> torch.Tensor:
+def _rank(model, q: Queries, *, exclude_history: bool, chunk: int, item_chunk: int) -> torch.Tensor:
+    """Ranks of the queries' targets; the whole score matrix of a batch when the catalogue
+    fits in ``item_chunk`` columns, else item chunks (:func:`ranks_in_chunks`)."""
     ranks = []
     device = module_device(model)
     for lo in range(0, len(q.targets), chunk):
         inputs = to_device(q.inputs[lo : lo + chunk], device)  # [B, L]
-        scores = model.score_all(model.encode(inputs))  # [B, N+1]
         history = to_device(q.history[lo : lo + chunk], device) if exclude_history else None
         targets = to_device(q.targets[lo : lo + chunk], device)  # [B]
-        ranks.append(ranks_from_scores(scores, targets, history=history).cpu())
+        emb = model.encode(inputs)  # [B, D]
+        if model.num_columns <= item_chunk:
+            scores = model.score_all(emb)  # [B, N+1]
+            ranks.append(ranks_from_scores(scores, targets, history=history).cpu())
+        else:
+            ranks.append(
+                ranks_in_chunks(
+                    lambda a, b, e=emb: model.score_range(e, a, b),
+                    model.num_columns,
+                    targets,
+                    history=history,
+                    chunk=item_chunk,
+                ).cpu()
+            )
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
@@ -52,6 +71,7 @@ def evaluation_sums(
     ks: Sequence[int],
     exclude_history: bool = True,
     batch_size: int = 512,
+    item_chunk: int = 65_536,
     splits: Sequence[str] = ("validation", "test"),
     rank: int = 0,
     world_size: int = 1,
@@ -80,7 +100,13 @@ def evaluation_sums(
                     if not members.any():
                         continue
                     q = eval_queries(seqs.select(members), max_len=max_len, offset=offset)
-                    ranks = _rank(model, q, exclude_history=exclude_history, chunk=batch_size)
+                    ranks = _rank(
+                        model,
+                        q,
+                        exclude_history=exclude_history,
+                        chunk=batch_size,
+                        item_chunk=item_chunk,
+                    )
                     head = torch.from_numpy(q.is_head)
                     for group, mask in (("all", None), ("head", head), ("tail", ~head)):
                         r = ranks if mask is None else ranks[mask]

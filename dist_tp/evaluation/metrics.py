@@ -43,6 +43,54 @@ def ranks_from_scores(scores: Tensor, targets: Tensor, *, history: Tensor | None
     return torch.where(torch.isnan(tgt_score.squeeze(1)), worst, ranks)  # [B]
 
 
+def ranks_in_chunks(
+    score_range,
+    num_columns: int,
+    targets: Tensor,
+    *,
+    history: Tensor | None = None,
+    chunk: int,
+) -> Tensor:
+    """:func:`ranks_from_scores` without the ``[B, N+1]`` score matrix: the items are scored
+    ``chunk`` columns at a time (``score_range(lo, hi) -> [B, hi-lo]``) and only counts are
+    kept, so memory is ``[B, chunk]`` whatever the catalogue. The history mask is applied as
+    index lists within each chunk.
+
+    The targets' own scores come first, from the chunks that hold them (each user's row of
+    its target's chunk); then every chunk is scored once and the items at or above each
+    target's score are counted, the target itself excepted (it supplies the leading 1).
+    """
+    batch = targets.shape[0]
+    if targets.numel() and (targets.min() < 1 or targets.max() >= num_columns):
+        raise ValueError("targets must be item ids in 1..N")
+    device = targets.device
+    # float64 holds every float32/bf16/float16 score exactly: comparisons are unchanged
+    tgt = torch.empty(batch, dtype=torch.float64, device=device)  # [B]
+    for lo in range(0, num_columns, chunk):
+        hi = min(lo + chunk, num_columns)
+        rows = ((targets >= lo) & (targets < hi)).nonzero().squeeze(1)  # [b]
+        if rows.numel():
+            scores = score_range(lo, hi)  # [B, C]
+            tgt[rows] = scores[rows, targets[rows] - lo].to(tgt.dtype)
+    count = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+    user = torch.arange(batch, device=device)
+    for lo in range(0, num_columns, chunk):
+        hi = min(lo + chunk, num_columns)
+        scores = score_range(lo, hi).to(tgt.dtype, copy=True)  # [B, C], masked below
+        if lo == 0:
+            scores[:, 0] = float("-inf")  # padding
+        if history is not None:
+            inside = (history >= lo) & (history < hi) & (history != 0)  # [B, L]
+            rows, cols = inside.nonzero(as_tuple=True)
+            scores[rows, history[rows, cols] - lo] = float("-inf")
+        own = (targets >= lo) & (targets < hi)  # [B]
+        scores[user[own], targets[own] - lo] = float("-inf")  # counted once, below
+        count += (scores >= tgt.unsqueeze(1)).sum(1)
+    ranks = count + 1
+    worst = torch.full_like(ranks, num_columns - 1)
+    return torch.where(torch.isnan(tgt), worst, ranks)  # [B]
+
+
 def metric_sums(ranks: Tensor, ks: list[int]) -> dict[str, float]:
     """Sums over users of ``HR@k`` and ``NDCG@k`` for each k, plus ``count``.
 
@@ -73,4 +121,4 @@ def finalize(sums: dict[str, float], count: float) -> dict[str, float]:
     return {k: v / count for k, v in metrics.items()}
 
 
-__all__ = ["finalize", "metric_sums", "ranks_from_scores"]
+__all__ = ["finalize", "metric_sums", "ranks_from_scores", "ranks_in_chunks"]

@@ -160,6 +160,20 @@ class Recommender(nn.Module):
             scores = scores + bias  # [B, N+1]
         return scores
 
+    @property
+    def num_columns(self) -> int:
+        """Columns of :meth:`score_all`: the items and padding, N+1."""
+        return self._table()[0].shape[0]
+
+    def score_range(self, emb: Tensor, lo: int, hi: int) -> Tensor:
+        """Scores of items ``lo..hi-1``, ``emb [B, D]`` -> ``[B, hi-lo]``: the columns
+        ``lo:hi`` of :meth:`score_all` without the others."""
+        weight, bias = self._table()
+        scores = emb @ weight[lo:hi].t()  # [B, hi-lo]
+        if bias is not None:
+            scores = scores + bias[lo:hi]  # [B, hi-lo]
+        return scores
+
     def loss(
         self,
         emb: Tensor,
@@ -226,3 +240,10 @@ class Popularity(nn.Module):
     def score_all(self, emb: Tensor) -> Tensor:
         """The item counts repeated for each row: ``[B, ...]`` -> ``[B, N+1]`` float."""
         return self.counts.unsqueeze(0).repeat(emb.shape[0], 1)  # [B, N+1]
+
+    @property
+    def num_columns(self) -> int:
+        return self.counts.shape[0]
+
+    def score_range(self, emb: Tensor, lo: int, hi: int) -> Tensor:
+        return self.counts[lo:hi].unsqueeze(0).repeat(emb.shape[0], 1)  # [B, hi-lo]

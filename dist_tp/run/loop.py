@@ -57,6 +57,7 @@ def eval_kwargs(cfg: Config) -> dict:
         "ks": cfg.eval.ks,
         "exclude_history": cfg.eval.exclude_history,
         "batch_size": cfg.eval.batch_size,
+        "item_chunk": cfg.eval.item_chunk,
     }
 
 
