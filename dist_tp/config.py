@@ -78,9 +78,15 @@ class TrainConfig:
     method: str = "joint"
     """``joint`` (the baseline) or ``tp`` (inner/outer training with the discriminator)."""
     loss: str = "ce"
-    """``ce`` (softmax over all items) or ``bce`` (sampled negatives, the paper's)."""
+    """``ce`` (softmax over all items), ``bce`` (sampled negatives, the paper's) or
+    ``sampled_softmax`` (softmax over the positive and sampled negatives: for large
+    catalogues, where ``ce``'s logits do not fit)."""
     num_negatives: int = 1
-    """Negatives per positive for ``bce``."""
+    """Negatives per positive for ``bce`` and ``sampled_softmax`` (not ``in_batch``)."""
+    negatives: str = "uniform"
+    """How negatives are drawn: ``uniform``; ``popularity`` (in proportion to training
+    counts, logits corrected by -log q: ``sampled_softmax`` only); ``in_batch`` (the other
+    positives of the mini-batch, logQ-corrected: ``sampled_softmax`` only)."""
     epochs: int = 20
     batch_size: int = 256
     """Windows (next-item examples) per joint mini-batch, about: rows of a pool of users are
@@ -126,8 +132,20 @@ class TrainConfig:
     (a rank that died or hangs); raise it for very long evaluations or checkpoint writes."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("ce", "bce"):
-            raise ConfigError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.loss not in ("ce", "bce", "sampled_softmax"):
+            raise ConfigError(
+                f"train.loss must be 'ce', 'bce' or 'sampled_softmax', got {self.loss!r}"
+            )
+        if self.negatives not in ("uniform", "popularity", "in_batch"):
+            raise ConfigError(
+                "train.negatives must be 'uniform', 'popularity' or 'in_batch', got "
+                f"{self.negatives!r}"
+            )
+        if self.negatives != "uniform" and self.loss != "sampled_softmax":
+            raise ConfigError(
+                f"train.negatives={self.negatives} needs train.loss=sampled_softmax "
+                f"(train.loss is {self.loss})"
+            )
         if self.method not in ("joint", "tp"):
             raise ConfigError(f"train.method must be 'joint' or 'tp', got {self.method!r}")
         if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):

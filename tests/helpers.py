@@ -144,6 +144,8 @@ NUM_ITEMS = 30
 
 
 def tp_config(backbone: str = "sasrec", loss: str = "bce", **tp):
+    """A tiny TP config; ``loss`` may be ``sampled_softmax-<negatives>``."""
+    loss, _, negatives = loss.partition("-")
     overrides = [
         f"model.name={backbone}",
         "model.dim=8",
@@ -153,6 +155,7 @@ def tp_config(backbone: str = "sasrec", loss: str = "bce", **tp):
         "model.caser_nh=2",
         "model.caser_nv=2",
         f"train.loss={loss}",
+        f"train.negatives={negatives or 'uniform'}",
         "train.num_negatives=3",
         "tp.inner_lr=0.5",
         "tp.lambda_adv=0.7",
@@ -205,16 +208,21 @@ def uneven_batch(cfg, seed: int = 3):
     )
 
 
-def tp_batch(cfg, lanes: int, seed: int = 1):
+def tp_batch(cfg, lanes: int, seed: int = 1, negative_cdf=None):
     all_positions = cfg.model.name != "caser"
+    train = cfg.train
+    sampled = train.loss == "bce" or (
+        train.loss == "sampled_softmax" and train.negatives != "in_batch"
+    )
     return tp_sampler().sample(
         [np.random.default_rng([seed, m]) for m in range(lanes)],
         all_positions=all_positions,
         k=cfg.tp.k,
         users_per_step=cfg.tp.users_per_step,
         inner_batch=cfg.tp.inner_batch,
-        num_negatives=cfg.train.num_negatives if cfg.train.loss == "bce" else 0,
+        num_negatives=train.num_negatives if sampled else 0,
         num_items=NUM_ITEMS,
+        negative_cdf=negative_cdf if train.negatives == "popularity" else None,
     )
 
 

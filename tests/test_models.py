@@ -200,3 +200,70 @@ def test_popularity_scores_counts() -> None:
     torch.testing.assert_close(scores, counts.expand(2, -1))
     with pytest.raises(ValueError):
         build_model(ModelConfig(name="pop"), NUM_ITEMS)
+
+
+def test_sampled_softmax_by_hand() -> None:
+    """Uniform: softmax over the positive and its negatives, a negative equal to the
+    positive left out. Popularity: every logit less log q. In-batch: each row against every
+    positive of the batch, the same item elsewhere in the batch left out."""
+    import numpy as np
+
+    model = make("sasrec")
+    emb = torch.randn(4, 16)
+    pos = torch.tensor([1, 2, 3, 2])
+    neg = torch.tensor([[5, 6, 1], [7, 2, 9], [4, 4, 8], [1, 3, 5]])  # row 0 hits its positive
+    items = torch.cat([pos[:, None], neg], 1)
+    s = model.score_items(emb, items)
+    s[0, 3] = float("-inf")
+    s[1, 2] = float("-inf")
+    expected = -(s[:, 0] - s.logsumexp(1)).mean()
+    got = model.loss(emb, pos, kind="sampled_softmax", negatives=neg)
+    torch.testing.assert_close(got, expected)
+
+    counts = np.arange(NUM_ITEMS + 1) % 7
+    model.set_item_popularity(counts)
+    q = counts.astype(float) + 1
+    q[0] = 0
+    log_q = torch.tensor(np.log(np.maximum(q / q.sum(), 1e-30)), dtype=torch.float32)
+    s = model.score_items(emb, items) - log_q[items]
+    s[0, 3] = float("-inf")
+    s[1, 2] = float("-inf")
+    expected = -(s[:, 0] - s.logsumexp(1)).mean()
+    got = model.loss(emb, pos, kind="sampled_softmax", negatives=neg, sampling="popularity")
+    torch.testing.assert_close(got, expected)
+
+    s = model.score_items(emb, pos.expand(4, 4)) - log_q[pos]  # [4, 4]
+    s[1, 3] = s[3, 1] = float("-inf")  # item 2 twice in the batch
+    expected = -(s.diagonal() - s.logsumexp(1)).mean()
+    got = model.loss(emb, pos, kind="sampled_softmax", sampling="in_batch")
+    torch.testing.assert_close(got, expected)
+
+
+def test_popularity_negatives_follow_the_counts() -> None:
+    import numpy as np
+
+    model = make("sasrec")
+    counts = np.zeros(NUM_ITEMS + 1)
+    counts[[3, 7]] = [999, 1999]  # with add-one smoothing the others keep a little mass
+    model.set_item_popularity(counts)
+    draws = model.sample_popular((20_000,), torch.Generator().manual_seed(0))
+    assert draws.min() >= 1 and draws.max() <= NUM_ITEMS
+    share = torch.bincount(draws, minlength=NUM_ITEMS + 1).float() / len(draws)
+    total = 3000 + NUM_ITEMS
+    assert abs(share[3] - 1000 / total) < 0.02 and abs(share[7] - 2000 / total) < 0.02
+
+
+def test_full_softmax_over_a_huge_catalogue_warns_or_is_refused(caplog) -> None:
+    from dist_tp.config import ConfigError, load_config
+    from dist_tp.models.saved import check_loss_fits
+
+    cfg = load_config(None, ["train.loss=ce", "train.batch_size=256"])
+    assert check_loss_fits(cfg, 10_000, memory_bytes=2**34) == 3 * 4 * 256 * 10_000
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_loss_fits(cfg, 1_000_000, memory_bytes=2**34)
+    assert "train.loss=sampled_softmax" in caplog.text and "2.9 GiB" in caplog.text
+    with pytest.raises(ConfigError, match=r"train.loss=ce over 10,000,000 items needs ~28.6 GiB"):
+        check_loss_fits(cfg, 10_000_000, memory_bytes=2**34)
+    sampled = load_config(None, ["train.loss=sampled_softmax", "train.negatives=in_batch"])
+    assert check_loss_fits(sampled, 10_000_000, memory_bytes=2**34) == 0

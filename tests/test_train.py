@@ -186,7 +186,10 @@ def test_metrics_json_shape(prepared, pop_metrics, tmp_path):
         ("sasrec", ["train.epochs=2"]),
         ("gru4rec", ["model.dim=32", "train.epochs=3"]),
         ("caser", ["model.dim=32", "train.epochs=3"]),
+        ("sasrec", ["train.epochs=2", "train.loss=sampled_softmax", "train.negatives=popularity"]),
+        ("sasrec", ["train.epochs=2", "train.loss=sampled_softmax", "train.negatives=in_batch"]),
     ],
+    ids=["sasrec", "gru4rec", "caser", "sasrec-sampled-popularity", "sasrec-in-batch"],
 )
 def test_short_run_beats_popularity(prepared, pop_metrics, tmp_path, backbone, overrides):
     cfg = tiny(prepared, f"model.name={backbone}", *overrides)

@@ -48,6 +48,7 @@ def rows_loss(
     num_negatives: int,
     generator: torch.Generator | None,
     weights: torch.Tensor | None = None,
+    sampling: str = "uniform",
 ) -> torch.Tensor:
     """Mean next-item loss over the windows of rows ``inputs``/``targets`` [R, L]; with
     ``weights`` [R, L], the mean of each window's loss times its weight."""
@@ -60,7 +61,7 @@ def rows_loss(
         emb = model.encode(inputs)  # [R, D]
         pos = targets[:, -1]  # [R]
         w = None if weights is None else weights[:, -1]  # [R]
-    kw = dict(kind=kind, num_negatives=num_negatives, generator=generator)
+    kw = dict(kind=kind, num_negatives=num_negatives, generator=generator, sampling=sampling)
     if w is None:
         return model.loss(emb, pos, **kw)
     return (model.loss(emb, pos, reduction="none", **kw) * w).mean()
@@ -76,6 +77,7 @@ def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> to
         num_negatives=cfg.train.num_negatives,
         generator=generator,
         weights=None if rows.weights is None else to_device(rows.weights, device),
+        sampling=cfg.train.negatives,
     )
 
 
@@ -88,6 +90,7 @@ class JointLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.kind, self.num_negatives = cfg.train.loss, cfg.train.num_negatives
+        self.sampling = cfg.train.negatives
 
     def forward(self, inputs, targets, generator=None, weights=None) -> torch.Tensor:
         return rows_loss(
@@ -98,6 +101,7 @@ class JointLoss(torch.nn.Module):
             num_negatives=self.num_negatives,
             generator=generator,
             weights=weights,
+            sampling=self.sampling,
         )
 
 
@@ -146,11 +150,14 @@ class JointStepper:
         )
         self.device = module_device(model)  # where the host put it (DeepSpeed may move it)
         self.gen = torch.Generator(device=self.device)  # negative sampling, seeded per step
+        prepared = PreparedData.of(data if data is not None else cfg.data.path)
+        if train.negatives != "uniform":
+            model.set_item_popularity(prepared.training_counts())
         self._partial: dict | None = None  # the running epoch's loss sums, for a checkpoint
         self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
         self._carried_position: StreamPosition | None = None  # this rank's stream then
         self.stream = UserStream(
-            PreparedData.of(data if data is not None else cfg.data.path),
+            prepared,
             rank=self.comm.rank,
             world_size=self.comm.world_size,
             seed=cfg.train.seed,

@@ -463,18 +463,40 @@ def _read_range(f: pq.ParquetFile, lo: int, hi: int | None) -> pa.Table:
 # --- parent side --------------------------------------------------------------------------
 
 
-def _sum_counts(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray]:
-    """Sum (item, count) tables; the items ascending (as ``dense_codes`` orders them)."""
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
-    if len({t.schema.field("item").type for t in tables}) > 1:
-        tables = [t.set_column(0, "item", t.column("item").cast(pa.string())) for t in tables]
-    summed = pa.concat_tables(tables).group_by("item").aggregate([("count", "sum")])
-    items, counts = _ids(summed.column("item")), summed.column("count_sum").to_numpy()
-    uniq, codes = dense_codes(items)
-    order = np.argsort(codes, kind="stable")
-    return uniq, counts[order]
+class _Counts:
+    """Per-item counts summed over the buckets' (item, count) tables, folded as they arrive
+    so that the parent holds O(#items) rows, never one table per bucket at once."""
+
+    def __init__(self) -> None:
+        self.total: pa.Table | None = None
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows > max(1 << 22, 2 * (self.total.num_rows if self.total else 0)):
+            self._fold()
+
+    def _fold(self) -> None:
+        tables = ([self.total] if self.total is not None else []) + self.pending
+        if len({t.schema.field("item").type for t in tables}) > 1:
+            tables = [t.set_column(0, "item", t.column("item").cast(pa.string())) for t in tables]
+        summed = pa.concat_tables(tables).group_by("item").aggregate([("count", "sum")])
+        self.total = pa.table({"item": summed.column("item"), "count": summed.column("count_sum")})
+        self.pending, self.rows = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items ascending as ``dense_codes`` orders them, their counts)."""
+        self._fold()
+        if self.total is None or not self.total.num_rows:
+            return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
+        items, counts = _ids(self.total.column("item")), self.total.column("count").to_numpy()
+        uniq, codes = dense_codes(items)
+        order = np.argsort(codes, kind="stable")
+        return uniq, counts[order]
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -549,28 +571,28 @@ def run(
         buckets = list(range(plan_.buckets))
         clock.lap("2")
         # 2. dedup
-        item_tables, rows = [], 0
+        item_counts, rows = _Counts(), 0
         for counts, n in _imap(pool, _dedup_bucket, [(b, plan_) for b in buckets]):
-            item_tables.append(counts)
+            item_counts.add(counts)
             rows += n
         if rows == 0:
             raise DataError(f"{source}: no interactions in the input")
         clock.lap("3")
         # 3. items with enough interactions
-        items, counts = _sum_counts(item_tables)
+        items, counts = item_counts.result()
         _share(plan_, kept_items=items[counts >= options.min_item_count])
         del items, counts
         clock.lap("4")
         # 4. users with enough interactions on kept items
-        user_parts, length_parts, final_tables = [], [], []
+        user_parts, length_parts, final_counts = [], [], _Counts()
         tasks = [(b, plan_, options.min_user_count) for b in buckets]
-        for users, lengths, item_counts in _imap(pool, _count_bucket, tasks):
+        for users, lengths, counted in _imap(pool, _count_bucket, tasks):
             user_parts.append(users)
             length_parts.append(lengths)
-            final_tables.append(item_counts)
+            final_counts.add(counted)
         clock.lap("5")
         # 5. ids, new users, head users, shards
-        final_items, item_counts = _sum_counts(final_tables)
+        final_items, item_counts = final_counts.result()
         all_users = np.concatenate(user_parts) if user_parts else np.array([])
         all_lengths = np.concatenate(length_parts) if length_parts else np.array([])
         if not len(all_users):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,49 @@ from dist_tp.core.files import load_checkpoint
 from dist_tp.data.stream import PreparedData
 from dist_tp.models import Popularity, build_model
 
+log = logging.getLogger(__name__)
 BEST = "checkpoint.pt"  # a run folder's best model (written by the run's checkpoints)
+
+
+CE_WARN_ITEMS = 200_000
+"""Above this many items, ``train.loss=ce`` warns with the memory its logits take."""
+
+
+def check_loss_fits(cfg: Config, num_items: int, memory_bytes: int | None = None) -> int:
+    """Bytes the full-softmax logits of one mini-batch take (forward, softmax and gradient:
+    three float32 copies of [windows x items]); a warning above ``CE_WARN_ITEMS`` items, a
+    ConfigError naming ``train.loss`` when that exceeds ``memory_bytes`` (default: this
+    machine's memory). 0 for the sampled losses."""
+    train = cfg.train
+    if train.loss != "ce" or cfg.model.name == "pop":
+        return 0
+    windows = (
+        train.batch_size
+        if train.method == "joint"
+        else (cfg.tp.lanes * cfg.tp.users_per_step * cfg.tp.inner_batch)
+    )
+    need = 3 * 4 * windows * num_items
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    advice = (
+        "use train.loss=sampled_softmax (train.negatives=popularity or in_batch, "
+        "train.num_negatives=128) or bce"
+    )
+    if need > memory_bytes:
+        raise ConfigError(
+            f"train.loss=ce over {num_items:,} items needs ~{need / 2**30:.1f} GiB of logits "
+            f"per mini-batch of {windows:,} windows, more than the {memory_bytes / 2**30:.0f} "
+            f"GiB here: {advice}"
+        )
+    if num_items > CE_WARN_ITEMS:
+        log.warning(
+            "train.loss=ce over %s items: ~%.1f GiB of logits per mini-batch of %s windows; %s",
+            f"{num_items:,}",
+            need / 2**30,
+            f"{windows:,}",
+            advice,
+        )
+    return need
 
 
 def build(cfg: Config, data: PreparedData) -> nn.Module:

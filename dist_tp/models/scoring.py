@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from dist_tp.config import ModelConfig
 
-LOSS_KINDS = ("ce", "bce")
+LOSS_KINDS = ("ce", "bce", "sampled_softmax")
+SAMPLINGS = ("uniform", "popularity", "in_batch")
 TASKS = ("encode", "encode_all", "loss")  # what ``Recommender.forward`` runs by name
 
 
@@ -62,6 +63,8 @@ def sample_negatives(
 
 
 class Recommender(nn.Module):
+    neg_cdf: Tensor | None = None  # set_item_popularity
+    log_q: Tensor | None = None
     """A sequence encoder plus the item tables and the dot-product scorer.
 
     The input table ``item_emb`` is shared with the encoder. Scoring uses that same table
@@ -174,6 +177,34 @@ class Recommender(nn.Module):
             scores = scores + bias[lo:hi]  # [B, hi-lo]
         return scores
 
+    def set_item_popularity(self, counts: np.ndarray) -> None:
+        """The popularity q of each item, from training counts ``[N+1]`` (add-one smoothed):
+        the distribution of ``popularity`` negatives and the logQ correction of sampled
+        softmax. Plain tensors on the item table's device, neither parameters nor buffers:
+        never saved (they follow from the data) nor broadcast by DDP; set once the model is
+        on its device."""
+        q = np.asarray(counts, dtype=np.float64).copy()
+        if q.shape != (self.num_items + 1,):
+            raise ValueError(f"counts must have N+1 = {self.num_items + 1} entries")
+        q[0] = 0.0
+        q[1:] += 1.0
+        q /= q.sum()
+        device = self._table()[0].device
+        cdf = torch.as_tensor(np.cumsum(q[1:]), dtype=torch.float64, device=device)
+        log_q = torch.as_tensor(np.log(np.maximum(q, 1e-30)), dtype=torch.float32, device=device)
+        self.neg_cdf = cdf  # [N] cumulative q over items 1..N
+        self.log_q = log_q  # [N+1]
+
+    def sample_popular(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Items ``1..N`` drawn in proportion to their popularity (``set_item_popularity``)."""
+        cdf = self.neg_cdf
+        if cdf is None:
+            raise RuntimeError("popularity negatives need set_item_popularity(counts) first")
+        u = torch.rand(shape, generator=generator, device=cdf.device, dtype=torch.float64)
+        return (torch.searchsorted(cdf, u * cdf[-1], right=True) + 1).clamp_(max=len(cdf))
+
     def loss(
         self,
         emb: Tensor,
@@ -183,6 +214,8 @@ class Recommender(nn.Module):
         num_negatives: int = 1,
         generator: torch.Generator | None = None,
         negatives: Tensor | None = None,
+        sampling: str = "uniform",
+        log_q: Tensor | None = None,
         reduction: str = "mean",
     ) -> Tensor:
         """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``
@@ -193,8 +226,17 @@ class Recommender(nn.Module):
         out, so it never takes probability mass). ``bce``: sigmoid loss of the positive
         against ``num_negatives`` uniform negatives per positive (``negatives [M, K]`` when
         given, else drawn with ``generator``), ``-log σ(s+) - Σ log(1 - σ(s-))``, averaged
-        over positives.
+        over positives. ``sampled_softmax``: softmax cross-entropy of the positive against
+        ``num_negatives`` negatives (``sampling``: ``uniform``, or ``popularity`` with each
+        logit corrected by ``- log q(item)``) or against the other positives of the batch
+        (``in_batch``, logQ-corrected too); a negative equal to the row's positive is left
+        out. ``log_q`` (``[N+1]``, indexed like the item ids given) defaults to the model's
+        (``set_item_popularity``); TP's lanes pass their own rows of it.
         """
+        if kind == "sampled_softmax":
+            return self._sampled_softmax(
+                emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
+            )
         if kind == "ce":
             weight, bias = self._table()
             logits = emb @ weight[1:].t()  # [M, N]
@@ -211,6 +253,44 @@ class Recommender(nn.Module):
             per_pos = F.softplus(-scores[:, 0]) + F.softplus(scores[:, 1:]).sum(1)  # [M]
             return per_pos if reduction == "none" else per_pos.mean()
         raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
+
+    def _sampled_softmax(
+        self, emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
+    ) -> Tensor:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if sampling != "uniform" and log_q is None:
+            log_q = self.log_q
+            if log_q is None:
+                raise RuntimeError(f"{sampling} negatives need set_item_popularity(counts)")
+        if sampling == "in_batch":
+            weight, bias = self._table()
+            vecs = F.embedding(pos, weight)  # [M, D]
+            logits = emb @ vecs.t()  # [M, M]: row i against every positive of the batch
+            if bias is not None:
+                logits = logits + bias[pos]
+            logits = logits - log_q[pos]
+            eye = torch.eye(len(pos), dtype=torch.bool, device=pos.device)  # [M, M]
+            clash = (pos.unsqueeze(0) == pos.unsqueeze(1)) & ~eye  # the same item elsewhere
+            logits = logits.masked_fill(clash, float("-inf"))
+            target = torch.arange(len(pos), device=pos.device)
+            return F.cross_entropy(logits, target, reduction=reduction)
+        neg = negatives  # [M, K]
+        if neg is None:
+            if sampling == "popularity":
+                neg = self.sample_popular((pos.shape[0], num_negatives), generator)
+            else:
+                neg = sample_negatives(pos, num_negatives, self.num_items, generator)
+        items = torch.cat([pos.unsqueeze(1), neg], dim=1)  # [M, 1+K]
+        logits = self.score_items(emb, items)  # [M, 1+K]
+        if sampling == "popularity":
+            logits = logits - log_q[items]
+        hit = torch.cat(
+            [torch.zeros_like(pos, dtype=torch.bool).unsqueeze(1), neg == pos[:, None]], 1
+        )
+        logits = logits.masked_fill(hit, float("-inf"))  # [M, 1+K]
+        target = torch.zeros_like(pos)
+        return F.cross_entropy(logits, target, reduction=reduction)
 
 
 class Popularity(nn.Module):

@@ -29,7 +29,7 @@ from dist_tp.core.files import WriteError, write_json, write_text
 from dist_tp.data.stream import PreparedData
 from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.models import Popularity
-from dist_tp.models.saved import build
+from dist_tp.models.saved import build, check_loss_fits
 from dist_tp.parallel.comm import LocalComm
 from dist_tp.parallel.host import build_host
 from dist_tp.run.checkpoints import Progress, RunCheckpoints
@@ -107,6 +107,7 @@ def run_training(
         start_run(tracker, cfg, out, data.meta, world_size=comm.world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_loss_fits(cfg, data.num_items)
     model = build(cfg, data).to(device)
     if isinstance(model, Popularity):
         if cfg.train.method != "joint":

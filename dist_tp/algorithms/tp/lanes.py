@@ -163,9 +163,11 @@ class InnerLoop:
         inner_lr: float,
         lambda_adv: float,
         bucketing: bool = True,
+        sampling: str = "uniform",
     ) -> None:
         self.model, self.disc = model, disc
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
+        self.sampling = sampling
         self.row_names = model.item_row_names()  # the parameters a lane keeps rows of
         self.sparse = loss != "ce"
         self.all_positions = bool(getattr(model, "supports_all_positions", False))
@@ -177,8 +179,11 @@ class InnerLoop:
         lane_grad = grad(self._lane_loss, argnums=(0, 1), has_aux=True)
         self._step: Callable = vmap(lane_grad, randomness="different")
 
-    def _lane_loss(self, params, dparams, rows, slot_row, slot_pos, targets, negatives, labels):
-        """One lane's objective on one mini-batch: prediction loss + BCE_d through the GRL."""
+    def _lane_loss(
+        self, params, dparams, rows, slot_row, slot_pos, targets, negatives, labels, log_q
+    ):
+        """One lane's objective on one mini-batch: prediction loss + BCE_d through the GRL.
+        ``log_q``: the popularity of the lane's rows (logQ-corrected losses), else unused."""
         if self.all_positions:
             out = functional_call(self.model, params, (rows,), {"all_positions": True})  # [R, L, D]
             emb = out[slot_row, slot_pos]  # [B, D]
@@ -186,6 +191,12 @@ class InnerLoop:
             emb = functional_call(self.model, params, (rows,))[slot_row]  # [B, D]
         # the model's own loss, on this lane's parameters (its rows, with local item ids)
         kwargs = {"task": "loss", "kind": self.loss, "negatives": negatives}
+        if self.loss == "sampled_softmax":
+            kwargs["sampling"] = self.sampling
+            if self.sampling == "in_batch":
+                kwargs["negatives"] = None  # the other positives of the lane's mini-batch
+            if self.sampling != "uniform":
+                kwargs["log_q"] = log_q
         pred = functional_call(self.model, params, (emb, targets), kwargs)
         if self.disc is None:
             zero = pred.detach() * 0
@@ -233,6 +244,18 @@ class InnerLoop:
 
         return touched, local(inputs), local(targets), local(negatives)
 
+    def _lane_log_q(self, touched: Tensor | None, lanes: int) -> Tensor:
+        """Each lane's rows of the model's log-popularity (its local item ids index them);
+        zeros where no logQ-corrected loss needs it."""
+        full = getattr(self.model, "log_q", None)
+        if full is None or self.sampling == "uniform":
+            device = module_device(self.model)
+            width = 1 if touched is None else touched.shape[1]
+            return torch.zeros(lanes, width, device=device)
+        if touched is None:
+            return full.unsqueeze(0).expand(lanes, *full.shape)
+        return full[touched]  # [M, T]
+
     def _plans(self, batch: LaneBatch) -> list[list[tuple[np.ndarray, int, int]]]:
         """Per inner step, the buckets ``(lanes, rows R, real columns C)`` to run."""
         lanes, k, n_rows, width = batch.rows.shape
@@ -272,6 +295,7 @@ class InnerLoop:
             targets = self._tensor(batch.targets)
             negatives = self._tensor(batch.negatives)
         labels = self._tensor(batch.labels)  # [M, k, B]
+        log_q = self._lane_log_q(touched, lanes)  # [M, T] or [M, N+1]
         slot_row = self._tensor(batch.slot_row)  # [M, k, B]
         slot_pos = self._tensor(batch.slot_pos)  # [M, k, B]
 
@@ -303,6 +327,7 @@ class InnerLoop:
                         _take(targets[:, s], idx),
                         _take(negatives[:, s], idx),
                         _take(labels[:, s], idx),
+                        _take(log_q, idx),
                     )
                     calls.append((idx, sub, dsub, out))
                 if len(calls) == 1:  # every lane in one call, in order

@@ -102,10 +102,13 @@ class TaskSampler:
         all_positions: bool = False,
         lane_users: list[np.ndarray] | None = None,
         by_windows: bool = False,
+        negative_cdf: np.ndarray | None = None,
     ) -> LaneBatch:
         """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
         users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes.
-        Users are picked uniformly, or with ``by_windows`` in proportion to their windows."""
+        Users are picked uniformly, or with ``by_windows`` in proportion to their windows.
+        Negatives are uniform over the items but the positive, or with ``negative_cdf``
+        (cumulative popularity of items 1..N) drawn in proportion to popularity."""
         lanes = len(rngs)
         per_lane = k * users_per_step
         users = np.empty(lanes * per_lane, dtype=np.int64)  # [U] lane-major
@@ -119,7 +122,10 @@ class TaskSampler:
             for j, u in enumerate(chosen):
                 n = int(self.n_windows[u])
                 picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
-            if num_negatives > 0:
+            if num_negatives > 0 and negative_cdf is not None:
+                u = rng.random((per_lane, inner_batch, num_negatives)) * negative_cdf[-1]
+                draws[lo : lo + per_lane] = np.searchsorted(negative_cdf, u, side="right") + 1
+            elif num_negatives > 0:
                 draws[lo : lo + per_lane] = rng.integers(
                     1, num_items, (per_lane, inner_batch, num_negatives)
                 )
@@ -130,7 +136,10 @@ class TaskSampler:
         labels = np.repeat(self.seqs.is_head[users].astype(np.float32)[:, None], inner_batch, 1)
         shape = (lanes, k, users_per_step * inner_batch)
         negatives = None
-        if num_negatives > 0:
+        if num_negatives > 0 and negative_cdf is not None:
+            np.minimum(draws, len(negative_cdf), out=draws)  # u at the very top
+            negatives = draws.reshape(*shape, num_negatives)  # may hit the positive: masked
+        elif num_negatives > 0:
             # uniform over 1..N without the positive: drawn from 1..N-1, values >= pos shifted
             negatives = negatives_from_draws(draws, targets).reshape(*shape, num_negatives)
         windows = windows.reshape(*shape, self.max_len)

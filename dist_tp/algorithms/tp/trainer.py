@@ -91,6 +91,7 @@ class TPStepper:
             loss=cfg.train.loss,
             inner_lr=tp.inner_lr,
             lambda_adv=tp.lambda_adv,
+            sampling=cfg.train.negatives,
         )
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
@@ -100,6 +101,10 @@ class TPStepper:
             self.modules(),
             OptimizerSpec(lr=tp.outer_lr, kind=tp.outer_optimizer, compress=tp.compress),
         )
+        self._negative_cdf = None  # popularity negatives: cumulative q over items 1..N
+        if cfg.train.negatives != "uniform":
+            model.set_item_popularity(self.data.training_counts())
+            self._negative_cdf = model.neg_cdf.cpu().numpy()
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
         total = self.comm.all_reduce_sum(torch.tensor(float(sampler.total_windows)))
@@ -115,6 +120,14 @@ class TPStepper:
                 self._data if self._data is not None else self.cfg.data.path
             )
         return self._data
+
+    def _num_negatives(self) -> int:
+        """Sampled negatives per window: bce and sampled softmax; none for ce, in-batch."""
+        train = self.cfg.train
+        sampled = train.loss == "bce" or (
+            train.loss == "sampled_softmax" and train.negatives != "in_batch"
+        )
+        return train.num_negatives if sampled else 0
 
     def modules(self) -> dict:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
@@ -137,11 +150,12 @@ class TPStepper:
             k=tp.k,
             users_per_step=tp.users_per_step,
             inner_batch=tp.inner_batch,
-            num_negatives=train.num_negatives if train.loss == "bce" else 0,
+            num_negatives=self._num_negatives(),
             num_items=self.model.num_items,
             all_positions=self.model.supports_all_positions,
             lane_users=self.lane_users,
             by_windows=tp.user_sampling == "windows",
+            negative_cdf=self._negative_cdf if self.cfg.train.negatives == "popularity" else None,
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
