@@ -125,6 +125,13 @@ def plan(rows: int, memory_limit: int, spill: Path, workers: int | None = None) 
 # --- worker side --------------------------------------------------------------------------
 
 
+def _system_pool() -> None:
+    """Arrow buffers from the C allocator, which gives freed memory back: mimalloc and
+    jemalloc keep it for reuse, and kept ~200 MB per worker process above the budget."""
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def _bucket_of(ids: np.ndarray, buckets: int) -> np.ndarray:
     """Bucket of each user id: splitmix64 of integer ids, of a 64-bit hash of text ids."""
     if ids.dtype.kind in "iu":
@@ -155,6 +162,7 @@ def _id_arrow(ids: np.ndarray) -> pa.Array:
 def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
     """Stream one input file into its per-bucket spill files; returns (file index, rows read,
     rows skipped, whether it has timestamps)."""
+    _system_pool()
     index, url, fmt, columns, yambda, on_bad_lines, encoding, offset, plan_ = task
     writers: dict[int, ipc.RecordBatchStreamWriter] = {}
     sinks = []
@@ -235,6 +243,7 @@ def _ids(col: pa.ChunkedArray) -> np.ndarray:
 def _dedup_bucket(task: tuple) -> tuple[pa.Table, int]:
     """Keep each (user, item) pair's earliest row, sort by (user, timestamp, line); write the
     bucket back; return the item counts (original item id, count) and the rows kept."""
+    _system_pool()
     bucket, plan_ = task
     paths = sorted(glob.glob(str(plan_.spill / "scatter" / f"b{bucket:05d}-f*.arrow")))
     out = plan_.spill / "dedup" / f"b{bucket:05d}.arrow"
@@ -340,6 +349,7 @@ def _kept_rows(table: pa.Table, kept_items: np.ndarray) -> tuple[np.ndarray, np.
 def _count_bucket(task: tuple) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     """The bucket's users with >= min_user_count interactions on kept items (their ids and
     lengths, ascending) and the item counts of those users' interactions."""
+    _system_pool()
     bucket, plan_, min_user_count = task
     kept_items = _shared(plan_, "kept_items")
     table = _load_dedup(bucket, plan_)
@@ -364,6 +374,7 @@ def _count_bucket(task: tuple) -> tuple[np.ndarray, np.ndarray, pa.Table]:
 
 def _lists_bucket(task: tuple) -> None:
     """Each kept user's item and timestamp lists, one Parquet file per (shard, bucket)."""
+    _system_pool()
     from dist_tp.data.prepare import USER_SCHEMA
 
     bucket, plan_ = task
@@ -413,6 +424,7 @@ def _lists_bucket(task: tuple) -> None:
 def _merge_shard(task: tuple) -> dict:
     """The shard's rows in ascending user, written as ``users/part-<shard>.parquet`` with
     ``row_group_size`` users per row group, read back by ranges of users."""
+    _system_pool()
     from dist_tp.data.prepare import USER_SCHEMA
 
     shard, plan_, users, lengths, out, row_group_size, budget_rows = task
@@ -464,24 +476,47 @@ def _read_range(f: pq.ParquetFile, lo: int, hi: int | None) -> pa.Table:
 
 
 class _Counts:
-    """Per-item counts summed over the buckets' (item, count) tables, folded as they arrive
-    so that the parent holds O(#items) rows, never one table per bucket at once."""
+    """Per-item counts summed over the buckets' (item, count) tables as they arrive, so the
+    parent holds O(#items), never one table per bucket at once: compact non-negative integer
+    ids add into one dense array; other ids are folded with a hash aggregation."""
 
     def __init__(self) -> None:
         self.total: pa.Table | None = None
         self.pending: list[pa.Table] = []
         self.rows = 0
+        self.dense = np.zeros(0, dtype=np.int64)  # count of id i at [i], while ids allow
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
+        ids = _ids(table.column("item"))
+        if self.dense is not None and ids.dtype.kind in "iu":
+            lo, hi = int(ids.min()), int(ids.max())
+            if _direct(0, hi, max(len(self.dense), len(ids))) and lo >= 0:
+                if hi >= len(self.dense):
+                    grown = np.zeros(max(hi + 1, 2 * len(self.dense)), dtype=np.int64)
+                    grown[: len(self.dense)] = self.dense
+                    self.dense = grown
+                self.dense[ids] += table.column("count").to_numpy()  # ids unique per table
+                return
+        if self.dense is not None and self.dense.any():  # ids outgrew the dense array
+            present = np.flatnonzero(self.dense)
+            self.pending.append(
+                pa.table({"item": _id_arrow(present), "count": self.dense[present]})
+            )
+            self.rows += len(present)
+        self.dense = None
         self.pending.append(table)
         self.rows += table.num_rows
         if self.rows > max(1 << 22, 2 * (self.total.num_rows if self.total else 0)):
             self._fold()
 
     def _fold(self) -> None:
+        if not self.pending and self.total is not None:
+            return
         tables = ([self.total] if self.total is not None else []) + self.pending
+        if not tables:
+            return
         if len({t.schema.field("item").type for t in tables}) > 1:
             tables = [t.set_column(0, "item", t.column("item").cast(pa.string())) for t in tables]
         summed = pa.concat_tables(tables).group_by("item").aggregate([("count", "sum")])
@@ -490,6 +525,9 @@ class _Counts:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(items ascending as ``dense_codes`` orders them, their counts)."""
+        if self.dense is not None:
+            present = np.flatnonzero(self.dense)
+            return present.astype(np.int64), self.dense[present]
         self._fold()
         if self.total is None or not self.total.num_rows:
             return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
@@ -538,6 +576,7 @@ def run(
     source: str,
 ) -> OutOfCoreResult:
     """Run the seven steps (see the module's doc) into the staging folder ``out``."""
+    _system_pool()
     for sub in ("scatter", "dedup", "lists"):
         (plan_.spill / sub).mkdir(parents=True, exist_ok=True)
     offsets = np.r_[0, np.cumsum(file_rows)] if file_rows is not None else None
