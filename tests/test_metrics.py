@@ -113,12 +113,14 @@ def test_ranks_in_item_chunks_equal_the_whole_matrix(chunk) -> None:
     history[5, 2] = targets[5]  # never masked
     scores[7, targets[7]] = float("nan")
     whole = ranks_from_scores(scores, targets, history=history)
-    chunked = ranks_in_chunks(
-        lambda lo, hi: scores[:, lo:hi], cols, targets, history=history, chunk=chunk
-    )
+
+    def score_range(lo, hi, rows):
+        return (scores if rows is None else scores[rows])[:, lo:hi].clone()
+
+    chunked = ranks_in_chunks(score_range, cols, targets, history=history, chunk=chunk)
     assert torch.equal(whole, chunked)
     assert chunked[7] == cols - 1
-    plain = ranks_in_chunks(lambda lo, hi: scores[:, lo:hi], cols, targets, chunk=chunk)
+    plain = ranks_in_chunks(score_range, cols, targets, chunk=chunk)
     assert torch.equal(plain, ranks_from_scores(scores, targets))
 
 

@@ -182,6 +182,19 @@ def test_a_bad_row_deep_in_one_file_of_a_glob_is_named(tmp_path, small_buckets, 
     assert [p.name for p in tmp_path.iterdir()] == ["log"]  # no staging, no spill left
 
 
+def test_bad_lines_of_a_text_glob_are_named_or_skipped_and_counted(tmp_path, small_buckets):
+    rows = [f"{u}::{i}::5::{1000 + u * 31 + i}" for u in range(1, 40) for i in range(1, 12)]
+    (tmp_path / "a.dat").write_text("\n".join(rows[:200]) + "\n")
+    (tmp_path / "b.dat").write_text("\n".join(rows[200:300] + ["7::oops"] + rows[300:]) + "\n")
+    kw = dict(input_path=str(tmp_path / "*.dat"), fmt="ml-1m", options=LOOSE)
+    with pytest.raises(DataError, match=r"b.dat:101: "):
+        prepare(output=tmp_path / "o", engine="out-of-core", **kw)
+    a, b = _both(tmp_path, "skip", on_bad_lines="skip", **kw)
+    assert_same_prepared(a, b)
+    source = json.loads((b / "meta.json").read_text())["source"]
+    assert source["skipped_rows"] == 1 and source["raw_rows"] == len(rows) + 1
+
+
 def test_a_glob_matching_nothing_and_files_of_different_schemas(tmp_path):
     with pytest.raises(DataError, match=r"nothing-\*\.parquet: no file matches"):
         prepare(
@@ -431,6 +444,12 @@ def test_movielens_25m_ratings_csv_alias(tmp_path):
         options=ProtocolOptions(min_item_count=1, min_user_count=1),
     )
     assert meta["stats"]["interactions"] == 35
+
+
+def test_a_remote_output_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(DataError, match=r"s3://bucket/x: --output must be a local folder"):
+        prepare(input_path="x", fmt="parquet", output="s3://bucket/x")
+    assert not any(tmp_path.iterdir())
 
 
 def test_memory_limit_is_checked(tmp_path):

@@ -297,7 +297,14 @@ def prepare(
 def check_output(output: str | Path) -> None:
     """Refuse an ``output`` that ``prepare`` must not replace (a file, a folder that is not a
     prepared dataset) or cannot write to, before any input is read (or downloaded)."""
-    shown, output = str(output), Path(os.path.abspath(output))
+    shown = str(output)
+    if "://" in shown:
+        raise DataError(
+            f"{shown}: --output must be a local folder (a remote prepared folder is not written "
+            "yet): prepare locally, then copy the folder, e.g. with fsspec or `aws s3 sync`; "
+            "training reads it from any fsspec URL"
+        )
+    output = Path(os.path.abspath(output))
     if output == output.parent:
         raise DataError(f"{shown}: cannot write a prepared folder in place of the root folder")
     if output.exists() and not (is_prepared(output) or _is_empty_dir(output)):

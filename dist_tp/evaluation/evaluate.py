@@ -47,7 +47,9 @@ def _rank(model, q: Queries, *, exclude_history: bool, chunk: int, item_chunk: i
         else:
             ranks.append(
                 ranks_in_chunks(
-                    lambda a, b, e=emb: model.score_range(e, a, b),
+                    lambda a, b, rows, e=emb: model.score_range(
+                        e if rows is None else e[rows], a, b
+                    ),
                     model.num_columns,
                     targets,
                     history=history,
