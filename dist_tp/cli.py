@@ -1,5 +1,5 @@
-"""The ``dist-tp`` command line: prepare, stats, train, evaluate, recommend, table, mlflow-sync,
-compare, sweep, finish, plot.
+"""The ``dist-tp`` command line: synth, prepare, stats, train, evaluate, recommend, table,
+mlflow-sync, compare, sweep, finish, plot.
 
 Every user-facing failure (bad data, bad config) ends as one ``error: ...`` line on stderr and
 exit status 2 — never a traceback from deep inside.
