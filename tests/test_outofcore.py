@@ -469,3 +469,25 @@ def test_the_bucket_plan_fits_each_worker_in_its_share(tmp_path):
         bucket = rows / plan.buckets * outofcore.BYTES_PER_ROW
         assert 4 * outofcore.PROCESS_BYTES + 3 * bucket <= 2 * 10**9 * 1.01
         assert plan.buckets % 2 == 0  # both workers busy to the last round
+
+
+@pytest.mark.parametrize("schema", ["generic", "yambda"])
+def test_synth_on_the_command_line_then_prepare_with_both_engines(
+    tmp_path, small_buckets, capsys, schema
+):
+    """`dist-tp synth` writes a valid `prepare` input: generic Parquet with its columns, or
+    Yambda's layout read with `--format yambda`; both engines give the same folder."""
+    log = tmp_path / "log"
+    argv = ["synth", "--events", "60K", "--users", "1K", "--items", "2K", "--seed", "3"]
+    assert main([*argv, "--schema", schema, "--output", str(log)]) == 0
+    assert "60,000 events" in capsys.readouterr().out
+    if schema == "generic":
+        kw = dict(fmt="parquet", columns={"user": "user", "item": "item", "timestamp": "timestamp"})
+    else:
+        kw = dict(fmt="yambda", yambda=YambdaOptions(events=("listen", "like")))
+    a, b = _both(tmp_path, schema, input_path=str(log), options=LOOSE, **kw)
+    assert_same_prepared(a, b)
+    assert json.loads((a / "meta.json").read_text())["stats"]["users"] > 500
+    with pytest.raises(SystemExit) as bad:  # argparse: one usage line, status 2
+        main(["synth", "--events", "lots", "--users", "1", "--items", "1", "--output", "x"])
+    assert bad.value.code == 2 and "'lots' is not a count" in capsys.readouterr().err
