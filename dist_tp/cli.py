@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -476,7 +477,7 @@ def format_metrics(metrics: dict, ks: tuple[int, ...] | None = None) -> str:
     measured when 10 is not)."""
     if ks is None:
         first = next(iter(metrics.get("existing", {}).values()), {})
-        measured = sorted(int(key[3:]) for key in first if key.startswith("HR@"))
+        measured = sorted(int(key[3:]) for key in first if re.fullmatch(r"HR@\d+", key))
         ks = (10,) if 10 in measured or not measured else tuple(measured)
     lines = ["| users | group | n | " + " | ".join(f"HR@{k} | NDCG@{k}" for k in ks) + " |"]
     lines.append("| --- " * (3 + 2 * len(ks)) + "|")

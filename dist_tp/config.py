@@ -262,11 +262,18 @@ class EvalConfig:
     item_chunk: int = 65_536
     """Items scored at once: a larger catalogue is ranked in chunks of this many items,
     counting (never holding) the scores, so memory is batch_size x item_chunk floats."""
+    max_users: int = 0
+    """0: evaluate every user. N: a seeded sample of about N users of each role (existing,
+    new), each figure with its 95% interval (``HR@10_lo``, ``HR@10_hi``) in metrics.json and
+    the sample's size and seed under ``sample``."""
+    sample_seed: int = 0
+    """Which users the ``max_users`` sample holds."""
 
     def __post_init__(self) -> None:
         if not self.ks:
             raise ConfigError("eval.ks must list at least one N")
         _check_at_least("eval", 1, batch_size=self.batch_size, item_chunk=self.item_chunk)
+        _check_at_least("eval", 0, max_users=self.max_users)
         _check_at_least("eval", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
 
 

@@ -143,3 +143,29 @@ def test_evaluation_in_item_chunks_gives_the_same_figures(prepared) -> None:
         kw = dict(max_len=cfg.model.max_len, ks=[1, 10, 50], batch_size=128)
         whole = evaluate(m, path, **kw)
         assert evaluate(m, path, item_chunk=97, **kw) == whole
+
+
+def test_a_seeded_sample_of_users_with_95_percent_intervals(prepared) -> None:
+    """``max_users``: about that many users of each role, the same for a seed, another set
+    for another seed; every figure with an interval around it that holds the figure of all
+    users here (popularity, existing users: HR@10 and NDCG@10)."""
+    import numpy as np
+
+    from dist_tp.evaluation.evaluate import evaluate
+    from dist_tp.models.scoring import Popularity
+
+    path = prepared("ml-100k")
+    pop = Popularity(np.random.default_rng(0).integers(0, 30, 1350))
+    kw = dict(max_len=20, ks=[10], splits=("test",))
+    full = evaluate(pop, path, **kw)["test"]
+    a = evaluate(pop, path, max_users=300, sample_seed=1, **kw)["test"]
+    assert a == evaluate(pop, path, max_users=300, sample_seed=1, **kw)["test"]
+    b = evaluate(pop, path, max_users=300, sample_seed=2, **kw)["test"]
+    existing = a["existing"]["all"]
+    assert 240 < existing["users"] < 360 and existing != b["existing"]["all"]
+    assert a["new"]["all"]["users"] == full["new"]["all"]["users"]  # 189 < 300: everyone
+    for metric in ("HR@10", "NDCG@10"):
+        lo, hi = existing[f"{metric}_lo"], existing[f"{metric}_hi"]
+        assert lo <= existing[metric] <= hi and hi - lo < 0.2
+        assert lo <= full["existing"]["all"][metric] <= hi
+    assert "HR@10_lo" not in full["existing"]["all"]

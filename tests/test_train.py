@@ -379,3 +379,16 @@ def test_recommend_command(prepared, tmp_path, capsys):
     assert "give the items of one sequence" in capsys.readouterr().err
     assert main(["recommend", str(run), "--input", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt: cannot read" in capsys.readouterr().err
+
+
+def test_a_run_evaluated_on_a_sample_writes_intervals_and_the_sample(prepared, tmp_path):
+    from dist_tp.cli import format_metrics
+
+    cfg = tiny(prepared, "model.name=pop", "eval.max_users=200", "eval.sample_seed=4")
+    metrics = run_training(cfg, tmp_path)
+    assert metrics["sample"] == {"max_users": 200, "seed": 4}
+    existing = metrics["existing"]["all"]
+    assert existing["users"] < 754 and existing["HR@10_lo"] <= existing["HR@10"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["existing"]["all"]["NDCG@10_hi"] == existing["NDCG@10_hi"]
+    assert "| existing | all |" in format_metrics(metrics)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import Queries, eval_queries
+from dist_tp.data.protocol import splitmix64
 from dist_tp.data.stream import PreparedData, UserStream, to_sequences
 from dist_tp.evaluation.metrics import (
     finalize,
+    intervals,
     metric_sums,
     ranks_from_scores,
     ranks_in_chunks,
@@ -74,14 +77,26 @@ def evaluation_sums(
     exclude_history: bool = True,
     batch_size: int = 512,
     item_chunk: int = 65_536,
+    max_users: int = 0,
+    sample_seed: int = 0,
     splits: Sequence[str] = ("validation", "test"),
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
-    """{split: {role: {group: {"HR@k": sum, "NDCG@k": sum, "count": n}}}} for this rank's users."""
+    """{split: {role: {group: {"HR@k": sum, "NDCG@k": sum, "count": n}}}} for this rank's users.
+
+    ``max_users`` > 0: a seeded sample of about that many users of each role (each kept with
+    probability ``max_users / users of the role``, decided by a hash of the user and
+    ``sample_seed``: the same users on any number of ranks), with the sums of squares that
+    :func:`finalize_sums` turns into 95% intervals."""
     was_training = model.training
     model.eval()
+    squares = max_users > 0
     zero = {**{f"{m}@{k}": 0.0 for k in ks for m in ("HR", "NDCG")}, "count": 0.0}
+    if squares:
+        zero.update({f"NDCG@{k}^2": 0.0 for k in ks})
+    data = PreparedData.of(data)
+    keep_share = _sample_shares(data, max_users)
     acc: dict = {
         s: {role: {g: dict(zero) for g in GROUPS} for role, _ in SPLITS[s]} for s in splits
     }
@@ -96,6 +111,8 @@ def evaluation_sums(
     try:
         for batch in stream:
             seqs = to_sequences(batch)
+            if keep_share is not None:
+                seqs = seqs.select(_sampled(seqs, keep_share, sample_seed))
             for split in splits:
                 for role, offset in SPLITS[split]:
                     members = seqs.is_new == (role == "new")
@@ -112,14 +129,36 @@ def evaluation_sums(
                     head = torch.from_numpy(q.is_head)
                     for group, mask in (("all", None), ("head", head), ("tail", ~head)):
                         r = ranks if mask is None else ranks[mask]
-                        _add(acc[split][role][group], metric_sums(r, list(ks)))
+                        _add(acc[split][role][group], metric_sums(r, list(ks), squares))
     finally:
         model.train(was_training)
     return acc
 
 
+def _sample_shares(data: PreparedData, max_users: int) -> dict | None:
+    """Probability of keeping a user of each role for a sample of about ``max_users``."""
+    if max_users <= 0:
+        return None
+    stats = data.meta["stats"]
+    return {
+        role: min(1.0, max_users / max(int(stats[f"{role}_users"]), 1))
+        for role in ("existing", "new")
+    }
+
+
+def _sampled(seqs, share: dict, seed: int) -> np.ndarray:
+    """Users of ``seqs`` in the sample: a hash of (user, seed) below the role's share."""
+    salt = splitmix64(np.array([seed], dtype=np.uint64))[0]  # the seed, mixed: no overflow
+    with np.errstate(over="ignore"):
+        keys = seqs.user.astype(np.uint64) ^ salt
+    unit = (splitmix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # [0, 1)
+    limit = np.where(seqs.is_new, share["new"], share["existing"])
+    return unit < limit
+
+
 def finalize_sums(acc: dict) -> dict:
-    """Sums → means, same nesting; ``count`` kept as ``users``."""
+    """Sums → means, same nesting; ``count`` kept as ``users``; from a sample (sums of
+    squares present), each figure's 95% interval as ``<metric>_lo``/``<metric>_hi``."""
     out: dict = {}
     for split, roles in acc.items():
         out[split] = {}
@@ -128,6 +167,8 @@ def finalize_sums(acc: dict) -> dict:
             for group, sums in groups.items():
                 count = sums.get("count", 0.0)
                 values = finalize({k: v for k, v in sums.items() if k != "count"}, count)
+                if any(k.endswith("^2") for k in sums):
+                    values.update(intervals(sums, count))
                 values["users"] = int(count)
                 out[split][role][group] = values
     return out

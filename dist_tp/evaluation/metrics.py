@@ -99,8 +99,9 @@ def ranks_in_chunks(
     return torch.where(torch.isnan(tgt), worst, ranks)  # [B]
 
 
-def metric_sums(ranks: Tensor, ks: list[int]) -> dict[str, float]:
-    """Sums over users of ``HR@k`` and ``NDCG@k`` for each k, plus ``count``.
+def metric_sums(ranks: Tensor, ks: list[int], squares: bool = False) -> dict[str, float]:
+    """Sums over users of ``HR@k`` and ``NDCG@k`` for each k, plus ``count`` (with
+    ``squares``, also ``NDCG@k^2``, the sums of squares that intervals need).
 
     ``HR@k = 1[rank <= k]`` and ``NDCG@k = 1[rank <= k] / log2(rank + 1)`` (one relevant
     item, so the ideal DCG is 1). Sums, not means, so partial results from several
@@ -113,7 +114,26 @@ def metric_sums(ranks: Tensor, ks: list[int]) -> dict[str, float]:
         hit = ranks_f <= k  # [B]
         out[f"HR@{k}"] = float(hit.sum())
         out[f"NDCG@{k}"] = float((gain * hit).sum())
+        if squares:
+            out[f"NDCG@{k}^2"] = float((gain * gain * hit).sum())
     out["count"] = float(ranks.numel())
+    return out
+
+
+def intervals(sums: dict[str, float], count: float, z: float = 1.96) -> dict[str, float]:
+    """``<metric>_lo`` and ``<metric>_hi``: the normal-approximation 95% interval of each
+    mean over a sample of ``count`` users (HR's variance from its mean, NDCG's from the
+    ``NDCG@k^2`` sums)."""
+    out: dict[str, float] = {}
+    if count <= 0:
+        return out
+    for name, total in sums.items():
+        if name == "count" or name.endswith("^2"):
+            continue
+        mean = total / count
+        second = sums.get(f"{name}^2", total) / count  # HR: 0/1, its square is itself
+        half = z * max(second - mean * mean, 0.0) ** 0.5 / count**0.5
+        out[f"{name}_lo"], out[f"{name}_hi"] = max(mean - half, 0.0), min(mean + half, 1.0)
     return out
 
 
@@ -123,10 +143,10 @@ def finalize(sums: dict[str, float], count: float) -> dict[str, float]:
     The ``count`` entry itself is dropped. With no users every metric is 0.0 rather than
     NaN, so an empty split still logs cleanly.
     """
-    metrics = {k: v for k, v in sums.items() if k != "count"}
+    metrics = {k: v for k, v in sums.items() if k != "count" and not k.endswith("^2")}
     if count <= 0:
         return {k: 0.0 for k in metrics}
     return {k: v / count for k, v in metrics.items()}
 
 
-__all__ = ["finalize", "metric_sums", "ranks_from_scores", "ranks_in_chunks"]
+__all__ = ["finalize", "intervals", "metric_sums", "ranks_from_scores", "ranks_in_chunks"]

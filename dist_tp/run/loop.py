@@ -58,13 +58,18 @@ def eval_kwargs(cfg: Config) -> dict:
         "exclude_history": cfg.eval.exclude_history,
         "batch_size": cfg.eval.batch_size,
         "item_chunk": cfg.eval.item_chunk,
+        "max_users": cfg.eval.max_users,
+        "sample_seed": cfg.eval.sample_seed,
     }
 
 
 def test_metrics(model, cfg: Config, data: PreparedData, comm=None) -> dict:
     """Test metrics of existing and new users, with the validation figures beside them."""
     result = evaluate(model, data, comm=comm, **eval_kwargs(cfg))
-    return {**result["test"], "validation": result["validation"]}
+    metrics = {**result["test"], "validation": result["validation"]}
+    if cfg.eval.max_users:
+        metrics["sample"] = {"max_users": cfg.eval.max_users, "seed": cfg.eval.sample_seed}
+    return metrics
 
 
 def run_training(
