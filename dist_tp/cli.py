@@ -8,6 +8,7 @@ exit status 2 — never a traceback from deep inside.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -33,6 +34,22 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
     return out
 
 
+@contextlib.contextmanager
+def _exits_cleanly():
+    """A DataError: one ``error:`` line and status 2; Ctrl-C: status 130; both through
+    ``leave_if_cli`` in the dist-tp process (see ``cmd_prepare``), re-raised elsewhere."""
+    from dist_tp.data.prepare import leave_if_cli
+
+    try:
+        yield
+    except DataError as exc:
+        leave_if_cli(f"error: {exc}", 2)
+        raise
+    except KeyboardInterrupt:
+        leave_if_cli("interrupted", 130)
+        raise
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from dist_tp.data.prepare import check_output, leave_if_cli, prepare
     from dist_tp.data.protocol import ProtocolOptions
@@ -40,7 +57,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     # Every exit of the dist-tp process goes through leave_if_cli: after pyarrow's reader
     # threads ran, a normal interpreter exit can abort (134) instead of giving the status.
-    try:
+    with _exits_cleanly():
         fmt, path = args.format, args.input
         check_output(args.output)  # before a dataset is downloaded or read
         if args.name is not None:
@@ -74,12 +91,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             memory_limit=args.memory_limit,
             workers=args.workers,
         )
-    except DataError as exc:
-        leave_if_cli(f"error: {exc}", 2)
-        raise
-    except KeyboardInterrupt:
-        leave_if_cli("interrupted", 130)
-        raise
     skipped = meta["source"]["skipped_rows"]
     if skipped:
         print(f"skipped {skipped} bad lines of {meta['source']['raw_rows']}", file=sys.stderr)
@@ -112,7 +123,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from dist_tp.data.prepare import leave_if_cli
     from dist_tp.data.synth import SynthOptions, synthesize
 
-    try:
+    with _exits_cleanly():
         options = SynthOptions(
             events=args.events,
             users=args.users,
@@ -128,12 +139,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
             workers=args.workers,
         )
         summary = synthesize(options, args.output)
-    except DataError as exc:
-        leave_if_cli(f"error: {exc}", 2)
-        raise
-    except KeyboardInterrupt:
-        leave_if_cli("interrupted", 130)
-        raise
     rate = summary["events"] / max(summary["seconds"], 1e-9)
     print(
         f"{summary['events']:,} events, {summary['users']:,} users, {summary['items']:,} items "

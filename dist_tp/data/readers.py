@@ -580,15 +580,20 @@ def _line_of(data: bytes, text: str) -> int | str:
 def read_parquet_table(
     path: str, columns: dict[str, str], *, encoding: str = "utf-8", **_: object
 ) -> Interactions:
+    table, digest = _whole_parquet(path, encoding)
+    return _from_table(path, digest, table, columns, lambda row: f"{path}: row {row + 1}")
+
+
+def _whole_parquet(path: str, encoding: str) -> tuple[pa.Table, str]:
+    """A Parquet file read whole, and the sha256 of its bytes."""
     if codecs.lookup(encoding).name != "utf-8":
         raise DataError("--encoding applies to the text formats, not to parquet")
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        table = pq.read_table(io.BytesIO(data), use_threads=False)
+        return pq.read_table(io.BytesIO(data), use_threads=False), digest
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
-    return _from_table(path, digest, table, columns, lambda row: f"{path}: row {row + 1}")
 
 
 @dataclass(frozen=True)
@@ -739,14 +744,7 @@ def read_yambda(
 ) -> Interactions:
     """One Yambda Parquet file (flat schema: uid, item_id, timestamp, and event_type or an
     event named by the file, played_ratio_pct for listens), filtered to the chosen events."""
-    if codecs.lookup(encoding).name != "utf-8":
-        raise DataError("--encoding applies to the text formats, not to parquet")
-    data = read_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        table = pq.read_table(io.BytesIO(data), use_threads=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+    table, digest = _whole_parquet(path, encoding)
     _check_columns(path, table, YAMBDA_COLUMNS)
     table = yambda_rows(table, path, yambda or YambdaOptions())
     rows = table.column("_row").to_numpy()
