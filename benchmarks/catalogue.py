@@ -21,17 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dist_tp.algorithms.joint import batch_loss, batches
 from dist_tp.config import load_config
-from dist_tp.data.examples import training_rows
-from dist_tp.data.stream import UserStream, open_prepared, to_sequences
-from dist_tp.models.saved import build
+from dist_tp.data.stream import open_prepared
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import rates  # noqa: E402  (the same alternating-turn timer)
+from throughput import joint_steps, rates, tp_steps  # noqa: E402  (the same steps and timer)
 
 DIST_TP = [sys.executable, "-m", "dist_tp"]
 
@@ -45,41 +41,6 @@ def make_data(work: Path, items: int, events: int, users: int) -> str:
         cmd += ["--columns", "user=user,item=item,timestamp=timestamp", "--output", str(out)]
         subprocess.run([*cmd, "--min-item-count", "1"], check=True, stdout=subprocess.DEVNULL)
     return str(out)
-
-
-def joint_steps(cfg):
-    torch.manual_seed(0)
-    data = open_prepared(cfg.data.path)
-    model = build(cfg, data)
-    model.set_item_popularity(data.training_counts())
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    stream = UserStream(cfg.data.path, roles=["existing"], seed=0, batch_rows=512)
-    rng = np.random.default_rng(0)
-    while True:
-        for batch in stream:
-            rows = training_rows(to_sequences(batch), max_len=cfg.model.max_len, all_positions=True)
-            for mb in batches(rows, cfg.train.batch_size, rng):
-                loss = batch_loss(model, mb, cfg, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                yield int(mb.windows.sum())
-        stream.set_epoch(stream.epoch + 1)
-
-
-def tp_steps(cfg):
-    from dist_tp.algorithms.tp.trainer import TPStepper
-
-    torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path))
-    stepper = TPStepper(model, cfg)
-    step = 0
-    while True:
-        stepper.outer_step(0, step)
-        step += 1
-        yield stepper.windows_per_step
 
 
 def main() -> None:
@@ -108,7 +69,8 @@ def main() -> None:
         tp = load_config(
             None, [f"data.path={path}", *common, "train.method=tp", f"tp.lanes={args.lanes}"]
         )
-        j, t = rates([joint_steps(joint), tp_steps(tp)], args.seconds)
+        cpu = torch.device("cpu")
+        j, t = rates([joint_steps(joint, cpu), tp_steps(tp, cpu)], args.seconds)
         base = base or j
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         rows.append((items, catalogue, j, j / base, t, j / t, peak))

@@ -9,7 +9,8 @@ events below that) and are kept in ``--work`` for the next run; each ``prepare``
 own ``dist-tp`` process. Every 0.2 s the script sums the RSS of that process tree (the
 engine's workers included) and the bytes under the output's spill folder (the staging folder
 is the output itself, written once): the peaks of those sums are "peak RSS" and "peak temp
-disk". The output's size is that of the prepared folder. ``--memory-max`` (default 10M):
+disk". The output's size is that of the prepared folder. ``--time-ordered``: each log file sorted by
+timestamp first. ``--memory-max`` (default 10M):
 the largest log the in-memory engine is also run on (it needs ~140 MB per million events).
 """
 
@@ -97,6 +98,24 @@ def synth(events: int, work: Path) -> Path:
     return log
 
 
+def time_ordered(log: Path) -> Path:
+    """A copy of ``log`` with each file's rows sorted by timestamp: users interleaved, as in
+    a log written in time order (the generator writes each user's events together)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = log.with_name(log.name + "-by-time")
+    if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for path in sorted(log.glob("*.parquet")):
+            table = pq.read_table(path)
+            table = table.take(pc.sort_indices(table, sort_keys=[("timestamp", "ascending")]))
+            pq.write_table(table, out / path.name, compression="zstd", row_group_size=1 << 20)
+        (out / "done").touch()
+    return out
+
+
 def prepare(log: Path, out: Path, engine: str, memory_limit: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*DIST_TP, "prepare", "--input", str(log), "--format", "parquet"]
@@ -156,6 +175,11 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="2GB")
     ap.add_argument("--memory-max", default="10M")
     ap.add_argument("--keep", action="store_true", help="keep the logs and outputs")
+    ap.add_argument(
+        "--time-ordered",
+        action="store_true",
+        help="each log file sorted by time (users interleaved)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -164,9 +188,12 @@ def main() -> None:
     for size in args.sizes:
         events = count(size)
         log = synth(events, work)
+        if args.time_ordered:
+            log = time_ordered(log)
         engines = ["out-of-core"] + (["memory"] if events <= count(args.memory_max) else [])
         for engine in engines:
-            r = prepare(log, work / f"prepared-{events}-{engine}", engine, args.memory_limit)
+            out = work / f"prepared-{events}-{engine}{'-by-time' if args.time_ordered else ''}"
+            r = prepare(log, out, engine, args.memory_limit)
             rows.append((events, engine, r))
             print(
                 f"  {events:>13,} {engine:<11} {r['seconds']:7.1f} s "
@@ -185,7 +212,7 @@ def main() -> None:
             f" | {r['interactions']:,} |"
         )
     largest = max(count(s) for s in args.sizes)
-    stream(work / f"prepared-{largest}-out-of-core")
+    stream(work / f"prepared-{largest}-out-of-core{'-by-time' if args.time_ordered else ''}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -53,7 +53,10 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 def joint_steps(cfg, device: torch.device):
     """The joint training step, endlessly: yields the windows of each mini-batch it trained."""
     torch.manual_seed(0)
-    model = build(cfg, open_prepared(cfg.data.path)).to(device)
+    data = open_prepared(cfg.data.path)
+    model = build(cfg, data).to(device)
+    if cfg.train.negatives != "uniform":  # popularity or in-batch negatives: their log q
+        model.set_item_popularity(data.training_counts())
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=device).manual_seed(0)

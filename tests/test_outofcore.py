@@ -100,28 +100,26 @@ def test_a_glob_and_an_fsspec_url_give_the_same_folder(tmp_path, small_buckets):
 
 
 def test_auto_engine_follows_the_input_size(tmp_path):
+    """``auto``: out of core once the input's bytes x 16 exceed the memory limit; a small
+    input prepared with ``auto`` stays in memory; an explicit engine is kept."""
+    from dist_tp.data.prepare import choose_engine
+    from dist_tp.data.sources import InputFile
+
+    files = [InputFile("a", 60 * 10**6, ""), InputFile("b", 70 * 10**6, "")]  # 130 MB
+    assert choose_engine("auto", files, 2 * 10**9) == "out-of-core"  # 2.08 GB > 2 GB
+    assert choose_engine("auto", files[:1], 2 * 10**9) == "memory"  # 0.96 GB
+    assert choose_engine("memory", files, 2 * 10**9) == "memory"
+    assert choose_engine("out-of-core", files[:1], 2 * 10**9) == "out-of-core"
     write_event_log(tmp_path / "log", events=20_000, users=500, items=800, files=1)
     cols = {"user": "u", "item": "i", "timestamp": "t"}
-    size = (tmp_path / "log" / "events-000.parquet").stat().st_size
     small = prepare(
         input_path=str(tmp_path / "log"),
         fmt="parquet",
         columns=cols,
         output=tmp_path / "a",
         options=LOOSE,
-        memory_limit=size * 16 + 300_000_000,
     )
     assert small["engine"] == "memory"
-    big = prepare(
-        input_path=str(tmp_path / "log"),
-        fmt="parquet",
-        columns=cols,
-        output=tmp_path / "b",
-        options=LOOSE,
-        memory_limit=300_000_000,
-        engine="auto",
-    )
-    assert big["engine"] == ("out-of-core" if size * 16 > 300_000_000 else "memory")
 
 
 def test_rerun_is_a_noop_recognised_without_reading_the_input(tmp_path):
@@ -491,3 +489,26 @@ def test_synth_on_the_command_line_then_prepare_with_both_engines(
     with pytest.raises(SystemExit) as bad:  # argparse: one usage line, status 2
         main(["synth", "--events", "lots", "--users", "1", "--items", "1", "--output", "x"])
     assert bad.value.code == 2 and "'lots' is not a count" in capsys.readouterr().err
+
+
+def test_item_counts_summed_across_buckets_whatever_the_ids():
+    """The parent's running item counts: compact integer ids in a dense array, then (an id
+    far beyond it) folded by hash aggregation, the totals the same either way."""
+
+    def table(ids, counts):
+        return pa.table({"item": pa.array(ids, pa.int64()), "count": pa.array(counts, pa.int64())})
+
+    counts = outofcore._Counts()
+    counts.add(table([3, 5, 9], [1, 2, 3]))
+    counts.add(table([5, 7], [10, 1]))
+    items, totals = counts.result()
+    assert items.tolist() == [3, 5, 7, 9] and totals.tolist() == [1, 12, 1, 3]
+    counts.add(table([10**15, 3], [4, 1]))  # too sparse for a dense array: folded from here
+    assert counts.dense is None
+    items, totals = counts.result()
+    assert items.tolist() == [3, 5, 7, 9, 10**15] and totals.tolist() == [2, 12, 1, 3, 4]
+    text = outofcore._Counts()
+    text.add(pa.table({"item": ["b", "a"], "count": pa.array([1, 2], pa.int64())}))
+    text.add(pa.table({"item": ["a"], "count": pa.array([5], pa.int64())}))
+    items, totals = text.result()
+    assert items.tolist() == ["a", "b"] and totals.tolist() == [7, 1]

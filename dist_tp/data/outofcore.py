@@ -47,6 +47,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from dist_tp.data.errors import DataError
+from dist_tp.data.layout import USER_SCHEMA, user_table
 from dist_tp.data.protocol import (
     ProtocolOptions,
     dense_codes,
@@ -95,7 +96,6 @@ class OutOfCoreResult:
     raw_rows: int
     skipped_rows: int
     has_timestamps: bool
-    stage: Path | None = None
 
     def stats(self) -> dict:
         return summary_stats(
@@ -108,8 +108,7 @@ class OutOfCoreResult:
 
 
 def plan(rows: int, memory_limit: int, spill: Path, workers: int | None = None) -> Plan:
-    """Buckets so that each worker's bucket fits its share of ``memory_limit`` (at most
-    65,535 buckets: 10^12 rows at 2 GB)."""
+    """Buckets so that each worker's bucket fits its share of ``memory_limit``."""
     workers = max(1, min(workers or os.cpu_count() or 1, 16))
     # the parent, the forkserver and the workers each hold PROCESS_BYTES; the rest is split
     # into a share per worker and one for the parent's O(users + items) state
@@ -161,7 +160,8 @@ def _id_arrow(ids: np.ndarray) -> pa.Array:
 
 def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
     """Stream one input file into its per-bucket spill files; returns (file index, rows read,
-    rows skipped, whether it has timestamps)."""
+    rows skipped, whether it has timestamps). The parent counts a Parquet file's rows from
+    its footer instead (a Yambda batch holds only the kept events)."""
     _system_pool()
     index, url, fmt, columns, yambda, on_bad_lines, encoding, offset, plan_ = task
     writers: dict[int, ipc.RecordBatchStreamWriter] = {}
@@ -173,18 +173,20 @@ def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
             url, fmt, columns, yambda, on_bad_lines, encoding, plan_.batch_rows
         ):
             has_ts = raw.ts is not None
-            rows, skipped = max(rows, raw.raw_rows), skipped + raw.skipped_rows
+            rows, skipped = rows + raw.raw_rows, skipped + raw.skipped_rows
             ts = raw.ts if raw.ts is not None else lines + offset
             user, item = raw.user, raw.item
             # A repeated (user, item) pair that is not the earliest within its batch cannot be
             # the earliest of the log: dropped here, it is neither spilled nor sorted later.
-            _, ucode = _codes(user)
-            _, icode = _codes(item)
-            keep = first_of_duplicates(ucode, icode, ts, np.arange(len(ts), dtype=np.int64))
+            keep = first_of_duplicates(
+                _codes(user)[1], _codes(item)[1], ts, np.arange(len(ts), dtype=np.int64)
+            )
             if keep is not None:
                 user, item, ts = user[keep], item[keep], ts[keep]
-            bucket = _bucket_of(user, plan_.buckets).astype(np.uint16)
-            order = np.argsort(bucket, kind="stable")  # a radix sort on 16 bits
+            bucket = _bucket_of(user, plan_.buckets)
+            if plan_.buckets <= 1 << 16:
+                bucket = bucket.astype(np.uint16)  # numpy's stable sort: a radix sort
+            order = np.argsort(bucket, kind="stable")
             bounds = np.searchsorted(bucket[order], np.arange(plan_.buckets + 1))
             table = pa.table(
                 {
@@ -214,11 +216,10 @@ def _scatter_file(task: tuple) -> tuple[int, int, int, bool | None]:
 
 
 def _file_batches(url, fmt, columns, yambda, on_bad_lines, encoding, batch_rows):
-    """(row numbers in the file, Interactions) per batch; ``raw_rows`` is the rows read so far."""
+    """(row numbers in the file, Interactions) per batch: Parquet streamed, the text formats
+    read whole."""
     if fmt in PARQUET_FORMATS:
-        for rows, raw in parquet_batches(url, fmt, columns, yambda, batch_rows):
-            raw.raw_rows = int(rows[-1]) + 1
-            yield rows, raw
+        yield from parquet_batches(url, fmt, columns, yambda, batch_rows)
         return
     raw = read_interactions(
         url, fmt, columns=columns, on_bad_lines=on_bad_lines, encoding=encoding, yambda=yambda
@@ -248,7 +249,7 @@ def _dedup_bucket(task: tuple) -> tuple[pa.Table, int]:
     paths = sorted(glob.glob(str(plan_.spill / "scatter" / f"b{bucket:05d}-f*.arrow")))
     out = plan_.spill / "dedup" / f"b{bucket:05d}.arrow"
     if not paths:
-        return pa.table({"item": pa.array([], pa.int64()), "count": pa.array([], pa.int64())}), 0
+        return _no_counts(), 0
     table = _read_bucket(paths)  # file order, then row order: input order
     user, item = _ids(table.column("user")), _ids(table.column("item"))
     ts = table.column("ts").to_numpy()
@@ -311,6 +312,10 @@ def _codes(ids: np.ndarray) -> tuple[np.ndarray | int, np.ndarray]:
     return dense_codes(ids)
 
 
+def _no_counts() -> pa.Table:
+    return pa.table({"item": pa.array([], pa.int64()), "count": pa.array([], pa.int64())})
+
+
 def _counts_table(key: np.ndarray | int, codes: np.ndarray) -> pa.Table:
     """(original id, count) of ids coded by ``_codes`` (``key``: its first result)."""
     counts = np.bincount(codes)
@@ -339,7 +344,8 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def _kept_rows(table: pa.Table, kept_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows on kept items; their user codes (ascending original id within the bucket)."""
+    """Which rows are on kept items, and those rows' user ids (ascending: rows are sorted
+    by user)."""
     item = _ids(table.column("item"))
     ok, _ = _member(item, kept_items)
     user = _ids(table.column("user"))[ok]
@@ -353,7 +359,7 @@ def _count_bucket(task: tuple) -> tuple[np.ndarray, np.ndarray, pa.Table]:
     bucket, plan_, min_user_count = task
     kept_items = _shared(plan_, "kept_items")
     table = _load_dedup(bucket, plan_)
-    empty = pa.table({"item": pa.array([], pa.int64()), "count": pa.array([], pa.int64())})
+    empty = _no_counts()
     if table is None:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), empty
     ok, user = _kept_rows(table, kept_items)
@@ -375,8 +381,6 @@ def _count_bucket(task: tuple) -> tuple[np.ndarray, np.ndarray, pa.Table]:
 def _lists_bucket(task: tuple) -> None:
     """Each kept user's item and timestamp lists, one Parquet file per (shard, bucket)."""
     _system_pool()
-    from dist_tp.data.prepare import USER_SCHEMA
-
     bucket, plan_ = task
     kept_items, final_items = _shared(plan_, "kept_items"), _shared(plan_, "final_items")
     user_ids, user_shard = _shared(plan_, "user_ids"), _shared(plan_, "shard_of")
@@ -398,24 +402,16 @@ def _lists_bucket(task: tuple) -> None:
     shards = user_shard[users]
     for shard in np.unique(shards):
         sel = np.flatnonzero(shards == shard)
-        lo, hi = offsets[sel], offsets[sel + 1]
-        lengths = hi - lo
-        gather = np.repeat(lo - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-        gather += np.arange(int(lengths.sum()), dtype=np.int64)
-        list_offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
         u = users[sel]
-        part = pa.Table.from_arrays(
-            [
-                pa.array(u + 1, type=pa.int32()),
-                pa.array([str(x) for x in user_ids[u]], type=pa.string()),
-                pa.array(np.where(is_new[u], "new", "existing")),
-                pa.array(is_head[u]),
-                pa.ListArray.from_arrays(
-                    list_offsets, pa.array((ipos[gather] + 1).astype(np.int32))
-                ),
-                pa.ListArray.from_arrays(list_offsets, pa.array(ts[gather], type=pa.int64())),
-            ],
-            schema=USER_SCHEMA,
+        part = user_table(
+            u,
+            user_ids[u],
+            is_new[u],
+            is_head[u],
+            ipos + 1,
+            ts,
+            offsets[sel],
+            offsets[sel + 1] - offsets[sel],
         )
         path = plan_.spill / "lists" / f"s{int(shard):05d}-b{bucket:05d}.parquet"
         pq.write_table(part, path, row_group_size=256, compression="lz4")
@@ -425,8 +421,6 @@ def _merge_shard(task: tuple) -> dict:
     """The shard's rows in ascending user, written as ``users/part-<shard>.parquet`` with
     ``row_group_size`` users per row group, read back by ranges of users."""
     _system_pool()
-    from dist_tp.data.prepare import USER_SCHEMA
-
     shard, plan_, users, lengths, out, row_group_size, budget_rows = task
     paths = sorted(glob.glob(str(plan_.spill / "lists" / f"s{shard:05d}-b*.parquet")))
     files = [pq.ParquetFile(p) for p in paths]

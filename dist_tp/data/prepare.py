@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dist_tp.core.process import exit_now
 from dist_tp.data.errors import DataError
+from dist_tp.data.layout import user_table
 from dist_tp.data.protocol import (
     Prepared,
     ProtocolOptions,
@@ -47,16 +48,6 @@ DEFAULT_MEMORY_LIMIT = "2GB"
 MIN_MEMORY_LIMIT = 256 * 10**6
 AUTO_FACTOR = 16
 """``--engine auto`` goes out of core when the input's bytes x AUTO_FACTOR > --memory-limit."""
-USER_SCHEMA = pa.schema(
-    [
-        ("user", pa.int32()),
-        ("original_id", pa.string()),
-        ("role", pa.string()),
-        ("is_head", pa.bool_()),
-        ("items", pa.list_(pa.int32())),
-        ("timestamps", pa.list_(pa.int64())),
-    ]
-)
 
 
 def _id_array(ids: np.ndarray) -> pa.Array:
@@ -67,35 +58,23 @@ def _id_array(ids: np.ndarray) -> pa.Array:
     return pa.array([str(x) for x in ids], type=pa.string())
 
 
-def _list_array(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(
-        pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type)
-    )
-
-
 def write_users(prep: Prepared, out: Path, *, num_shards: int, row_group_size: int) -> list[dict]:
     """One parquet file per shard, users ascending within a shard, ``row_group_size`` per group."""
     shard_of = user_shards(prep.user_ids, num_shards)
-    original = [str(x) for x in prep.user_ids]
     (out / "users").mkdir()
     files = []
     for shard in range(num_shards):
         rows = np.flatnonzero(shard_of == shard)  # [n] user rows (0-based), ascending
         lengths = prep.lengths[rows]
-        starts = prep.offsets[rows]
-        gather = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-        gather += np.arange(int(lengths.sum()), dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        table = pa.Table.from_arrays(
-            [
-                pa.array(rows + 1, type=pa.int32()),
-                pa.array([original[r] for r in rows], type=pa.string()),
-                pa.array(np.where(prep.is_new[rows], "new", "existing")),
-                pa.array(prep.is_head[rows]),
-                _list_array(prep.items[gather], offsets, pa.int32()),
-                _list_array(prep.timestamps[gather], offsets, pa.int64()),
-            ],
-            schema=USER_SCHEMA,
+        table = user_table(
+            rows,
+            prep.user_ids[rows],
+            prep.is_new[rows],
+            prep.is_head[rows],
+            prep.items,
+            prep.timestamps,
+            prep.offsets[rows],
+            lengths,
         )
         name = f"part-{shard:05d}.parquet"
         pq.write_table(
@@ -397,10 +376,14 @@ def _prepare_locked(
             prep = apply_protocol(raw, options)
             del raw
             stats = table2_stats(prep)
-            write = _memory_writer(prep, num_shards, row_group_size)
+            stage, shards = _staged(
+                output, shown, lambda s: _write_memory(prep, s, num_shards, row_group_size)
+            )
         else:
-            try:
-                result = _run_out_of_core(
+            stage, result = _staged(
+                output,
+                shown,
+                lambda s: _run_out_of_core(
                     files=files,
                     fmt=fmt,
                     columns=columns,
@@ -414,13 +397,11 @@ def _prepare_locked(
                     memory=memory,
                     workers=workers,
                     source=str(input_path),
-                    output=output,
-                )
-            except OSError as exc:  # a full disk, a spill or staging folder made unwritable
-                raise DataError(
-                    f"{shown}: cannot write the prepared folder or its spill: {_os_reason(exc)}"
-                ) from exc
-            stats, write = result.stats(), None
+                    out=s,
+                ),
+                what="the prepared folder or its spill",
+            )
+            stats, shards = result.stats(), result.shards
             raw_rows, skipped, has_ts = result.raw_rows, result.skipped_rows, result.has_timestamps
         meta = {
             "format_version": FORMAT_VERSION,
@@ -438,10 +419,9 @@ def _prepare_locked(
             "options": settings,
             "stats": stats,
             "engine": chosen,
+            "shards": shards,
         }
-        if write is not None:
-            return _publish(output, shown, meta, started, write=write)
-        return _publish(output, shown, meta, started, stage=result.stage, shards=result.shards)
+        return _publish(output, shown, meta, started, stage)
     finally:
         _remove_tree(spill)
 
@@ -454,15 +434,13 @@ def choose_engine(engine: str, files: list, memory: int) -> str:
     return "out-of-core" if total_size(files) * AUTO_FACTOR > memory else "memory"
 
 
-def _memory_writer(prep: Prepared, num_shards: int, row_group_size: int):
-    def write(stage: Path) -> list[dict]:
-        write_items(prep.item_ids, prep.item_counts, stage)
-        return write_users(prep, stage, num_shards=num_shards, row_group_size=row_group_size)
-
-    return write
+def _write_memory(prep: Prepared, stage: Path, num_shards: int, row_group_size: int) -> list:
+    write_items(prep.item_ids, prep.item_counts, stage)
+    return write_users(prep, stage, num_shards=num_shards, row_group_size=row_group_size)
 
 
-def _run_out_of_core(*, files, fmt, spill: Path, memory: int, workers, output: Path, **kw):
+def _run_out_of_core(*, files, fmt, spill: Path, memory: int, workers, out: Path, **kw):
+    """The out-of-core engine into the staging folder ``out`` (its spill in ``spill``)."""
     from dist_tp.data import outofcore
 
     urls = [f.url for f in files]
@@ -479,17 +457,8 @@ def _run_out_of_core(*, files, fmt, spill: Path, memory: int, workers, output: P
         plan.workers,
         memory / 1e9,
     )
-    # meta.json needs the engine's statistics: it writes its staging folder first, and
-    # _publish adopts it.
-    stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        res = outofcore.run(files=urls, file_rows=file_rows, fmt=fmt, out=stage, plan_=plan, **kw)
-        write_items(res.item_ids, res.item_counts, stage)
-    except BaseException:
-        _remove_tree(stage)
-        raise
-    res.stage = stage
+    res = outofcore.run(files=urls, file_rows=file_rows, fmt=fmt, out=out, plan_=plan, **kw)
+    write_items(res.item_ids, res.item_counts, out)
     return res
 
 
@@ -501,24 +470,26 @@ def _remove_leftovers(output: Path) -> None:
             _remove_tree(stale)
 
 
-def _publish(
-    output: Path,
-    shown: str,
-    meta: dict,
-    started: float,
-    *,
-    write=None,
-    stage: Path | None = None,
-    shards: list[dict] | None = None,
-) -> dict:
-    """Write the folder into staging with ``write(stage) -> shards`` (or adopt ``stage``, the
-    out-of-core engine's), rename it into place; nothing is left of it on an error."""
+def _staged(output: Path, shown: str, write, what: str = "the prepared folder"):
+    """``write(stage)``'s result, ``stage`` a new staging folder beside ``output`` that it
+    filled; the folder is removed on any error, and an OSError (a full disk, a folder made
+    read-only) becomes one DataError naming ``output`` and ``what`` could not be written."""
+    stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
-        if stage is None:
-            stage = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
-            stage.mkdir()
-            shards = write(stage)
-        meta["shards"] = shards
+        stage.mkdir()
+        return stage, write(stage)
+    except OSError as exc:
+        _remove_tree(stage)
+        raise DataError(f"{shown}: cannot write {what}: {_os_reason(exc)}") from exc
+    except BaseException:
+        _remove_tree(stage)
+        raise
+
+
+def _publish(output: Path, shown: str, meta: dict, started: float, stage: Path) -> dict:
+    """``meta.json`` into the filled staging folder, then the folder renamed into place (a
+    previous folder there set aside and removed); nothing is left of it on an error."""
+    try:
         meta["seconds"] = round(time.perf_counter() - started, 3)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if output.exists():  # a prepared folder (--force) or an empty one: move it aside
@@ -533,12 +504,10 @@ def _publish(
         else:
             os.replace(stage, output)
     except OSError as exc:  # disk full, a folder made read-only meanwhile, ...
-        if stage is not None:
-            _remove_tree(stage)
+        _remove_tree(stage)
         raise DataError(f"{shown}: cannot write the prepared folder: {_os_reason(exc)}") from exc
     except BaseException:
-        if stage is not None:
-            _remove_tree(stage)
+        _remove_tree(stage)
         raise
     return meta
 
