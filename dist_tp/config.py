@@ -87,6 +87,18 @@ class TrainConfig:
     """How negatives are drawn: ``uniform``; ``popularity`` (in proportion to training
     counts, logits corrected by -log q: ``sampled_softmax`` only); ``in_batch`` (the other
     positives of the mini-batch, logQ-corrected: ``sampled_softmax`` only)."""
+    shared_negatives: bool = False
+    """``sampled_softmax`` with ``uniform`` or ``popularity`` negatives: one draw of
+    ``num_negatives`` items for the whole mini-batch (TP: for each lane's inner step), scored by
+    one matrix product, instead of ``num_negatives`` per window. A negative equal to a
+    window's positive is left out of that window's softmax. Far fewer item rows touched per
+    step: what keeps a million-item catalogue as fast as a small one."""
+    item_updates: str = "auto"
+    """How the optimizer updates the item tables: ``dense`` (Adam over every row at every
+    step), ``sparse`` (sparse gradients and a lazy row-wise Adam over the rows the step
+    touched; their moments alone decay: TorchRec's row-wise optimizers) or ``auto``: sparse
+    when the loss is sampled (``bce``, ``sampled_softmax``) and the catalogue has at least
+    100,000 items, dense otherwise. ``sparse`` needs a sampled loss and ``engine: plain``."""
     epochs: int = 20
     batch_size: int = 256
     """Windows (next-item examples) per joint mini-batch, about: rows of a pool of users are
@@ -145,6 +157,25 @@ class TrainConfig:
             raise ConfigError(
                 f"train.negatives={self.negatives} needs train.loss=sampled_softmax "
                 f"(train.loss is {self.loss})"
+            )
+        if self.item_updates not in ("auto", "dense", "sparse"):
+            raise ConfigError(
+                f"train.item_updates must be auto, dense or sparse, got {self.item_updates!r}"
+            )
+        if self.item_updates == "sparse" and self.loss == "ce":
+            raise ConfigError(
+                "train.item_updates=sparse needs a sampled loss (bce or sampled_softmax): "
+                "train.loss=ce touches every item row at every step"
+            )
+        if self.item_updates == "sparse" and self.engine == "deepspeed":
+            raise ConfigError("train.item_updates=sparse needs train.engine=plain")
+        if self.shared_negatives and (
+            self.loss != "sampled_softmax" or self.negatives == "in_batch"
+        ):
+            raise ConfigError(
+                "train.shared_negatives needs train.loss=sampled_softmax with "
+                f"train.negatives=uniform or popularity (got loss={self.loss}, "
+                f"negatives={self.negatives})"
             )
         if self.method not in ("joint", "tp"):
             raise ConfigError(f"train.method must be 'joint' or 'tp', got {self.method!r}")

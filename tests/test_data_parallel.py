@@ -20,6 +20,7 @@ from helpers import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.joint import JointStepper, batch_loss
 from dist_tp.config import ConfigError, load_config
+from dist_tp.core.seeding import seed_step
 from dist_tp.data.examples import Rows, training_rows
 from dist_tp.data.stream import load_sequences, open_prepared
 from dist_tp.models import build_model
@@ -127,6 +128,53 @@ def test_ddp_with_user_balanced_weights_equals_the_union(prepared, tmp_path):
     path = prepared("ml-100k")
     state = _joint_run(path, tmp_path / "ddp.pt", "train.balance=user")
     _assert_matches(state, _union_reference(path, "train.balance=user"))
+
+
+ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise item updates
+    "train.loss=sampled_softmax",
+    "train.negatives=popularity",
+    "train.num_negatives=8",
+    "train.shared_negatives=true",
+    "train.item_updates=sparse",
+)
+
+
+def _per_rank_reference(path: str, *overrides: str):
+    """One process, one epoch: at step t, each rank's t-th mini-batch with that rank's own
+    negatives (its step seed), their losses weighted by their windows; the host's optimizer
+    (row-wise for the item table)."""
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"data.path={path}", "model.dropout=0.0", "train.seed=3", *overrides],
+    )
+    torch.manual_seed(0)  # rank 0's initialisation
+    model = build_model(cfg.model, open_prepared(path).num_items)
+    views = [JointStepper(model, cfg, RankView(r, 2), host=TorchHost()) for r in range(2)]
+    opt, gen = views[0].opt, torch.Generator()
+    steps = 0
+    for pair in zip_longest(*(v.epoch_batches(0) for v in views)):
+        n_all = sum(int(b.windows.sum()) for b in pair if b is not None)
+        loss = 0.0
+        for rank, mb in enumerate(pair):
+            if mb is None:
+                continue
+            (negatives,) = seed_step(cfg.train.seed, 0, steps, rank, extra=1)
+            gen.manual_seed(negatives)
+            part = opt(torch.as_tensor(mb.inputs), torch.as_tensor(mb.targets), generator=gen)
+            loss = loss + part * int(mb.windows.sum()) / n_all
+        opt.update(loss)
+        steps += 1
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, steps
+
+
+def test_ddp_with_row_wise_item_updates_equals_the_ranks_steps_in_one_process(prepared, tmp_path):
+    """Sparse item-table gradients through DDP's reducer, then the row-wise Adam: the same
+    parameters as one process stepping on both ranks' losses (an idle rank's zero-weight
+    rows touch nothing)."""
+    path = prepared("ml-100k")
+    state = _joint_run(path, tmp_path / "rows.pt", *ROW_WISE)
+    reference = _per_rank_reference(path, *ROW_WISE)
+    _assert_matches(state, reference)
 
 
 def test_cli_joint_under_torchrun_writes_the_run_folder(prepared, tmp_path):

@@ -74,10 +74,20 @@ def test_each_rank_loads_only_its_own_part(prepared):
         assert held == len(whole.seqs.items)
 
 
-def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, tmp_path):
+ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise item updates
+    "train.loss=sampled_softmax",
+    "train.negatives=popularity",
+    "train.num_negatives=8",
+    "train.shared_negatives=true",
+    "train.item_updates=sparse",
+)
+
+
+@pytest.mark.parametrize("extra", [(), ROW_WISE], ids=["dense", "row-wise"])
+def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, tmp_path, extra):
     path = prepared("ml-100k")
     out = tmp_path / "dist.pt"
-    torchrun(2, "tests/scripts/tp_steps.py", path, str(out), "2", "3")
+    torchrun(2, "tests/scripts/tp_steps.py", path, str(out), "2", "3", *extra)
     dist = torch.load(out, weights_only=True)
     # replicas identical: the sum over ranks is twice rank 0's parameters
     flat = torch.cat([p.reshape(-1) for p in dist["params"].values()])
@@ -92,11 +102,13 @@ def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, t
             "train.method=tp",
             "tp.lanes=4",
             "tp.inner_batch=8",
+            *extra,
         ],
     )
     torch.manual_seed(0)  # rank 0's initialisation
     model = build_model(cfg.model, open_prepared(path).num_items)
     stepper = TPStepper(model, cfg)
+    assert bool(stepper.inner.row_tables) == bool(extra)
     parts = stepper.sampler.partition(2)
     stepper.lane_users = [parts[0], parts[0], parts[1], parts[1]]  # lane l on rank l // 2
     for step in range(3):

@@ -22,6 +22,7 @@ from dist_tp.core.device import module_device, to_device
 from dist_tp.core.seeding import seed_step
 from dist_tp.data.examples import Rows, training_rows
 from dist_tp.data.stream import PreparedData, UserStream, to_sequences
+from dist_tp.models.saved import sparse_item_updates
 from dist_tp.parallel.host import Host, OptimizerSpec
 
 POOL_USERS = 512  # users whose rows are shuffled together before batching
@@ -49,9 +50,11 @@ def rows_loss(
     generator: torch.Generator | None,
     weights: torch.Tensor | None = None,
     sampling: str = "uniform",
+    shared: bool = False,
 ) -> torch.Tensor:
     """Mean next-item loss over the windows of rows ``inputs``/``targets`` [R, L]; with
-    ``weights`` [R, L], the mean of each window's loss times its weight."""
+    ``weights`` [R, L], the mean of each window's loss times its weight; ``shared``: one set
+    of negatives for all the windows (``train.shared_negatives``)."""
     if model.supports_all_positions:
         mask = targets > 0  # [R, L]
         emb = model.encode_all(inputs)[mask]  # [M, D]
@@ -61,7 +64,13 @@ def rows_loss(
         emb = model.encode(inputs)  # [R, D]
         pos = targets[:, -1]  # [R]
         w = None if weights is None else weights[:, -1]  # [R]
-    kw = dict(kind=kind, num_negatives=num_negatives, generator=generator, sampling=sampling)
+    kw = dict(
+        kind=kind,
+        num_negatives=num_negatives,
+        generator=generator,
+        sampling=sampling,
+        shared=shared,
+    )
     if w is None:
         return model.loss(emb, pos, **kw)
     return (model.loss(emb, pos, reduction="none", **kw) * w).mean()
@@ -78,6 +87,7 @@ def batch_loss(model, rows: Rows, cfg: Config, generator: torch.Generator) -> to
         generator=generator,
         weights=None if rows.weights is None else to_device(rows.weights, device),
         sampling=cfg.train.negatives,
+        shared=cfg.train.shared_negatives,
     )
 
 
@@ -90,7 +100,7 @@ class JointLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.kind, self.num_negatives = cfg.train.loss, cfg.train.num_negatives
-        self.sampling = cfg.train.negatives
+        self.sampling, self.shared = cfg.train.negatives, cfg.train.shared_negatives
 
     def forward(self, inputs, targets, generator=None, weights=None) -> torch.Tensor:
         return rows_loss(
@@ -102,6 +112,7 @@ class JointLoss(torch.nn.Module):
             generator=generator,
             weights=weights,
             sampling=self.sampling,
+            shared=self.shared,
         )
 
 
@@ -144,9 +155,16 @@ class JointStepper:
         self.model, self.cfg = model, cfg
         self.comm, host = comm_and_host(cfg, comm, host)
         train = cfg.train
+        sparse = sparse_item_updates(cfg, model.num_items)
+        model.set_sparse_items(sparse)  # before the host wraps it (DDP reads the tables' flag)
         self.opt = host.gradient_optimizer(
             JointLoss(model, cfg),
-            OptimizerSpec(lr=train.lr, weight_decay=train.weight_decay, grad_clip=train.grad_clip),
+            OptimizerSpec(
+                lr=train.lr,
+                weight_decay=train.weight_decay,
+                grad_clip=train.grad_clip,
+                sparse_rows=tuple(f"model.{n}" for n in model.item_table_names()) if sparse else (),
+            ),
         )
         self.device = module_device(model)  # where the host put it (DeepSpeed may move it)
         self.gen = torch.Generator(device=self.device)  # negative sampling, seeded per step

@@ -20,6 +20,20 @@ BEST = "checkpoint.pt"  # a run folder's best model (written by the run's checkp
 
 CE_WARN_ITEMS = 200_000
 """Above this many items, ``train.loss=ce`` warns with the memory its logits take."""
+SPARSE_ITEMS_FROM = 100_000
+"""``train.item_updates=auto`` updates the item tables row-wise from this many items on."""
+
+
+def sparse_item_updates(cfg: Config, num_items: int) -> bool:
+    """Whether the item tables are updated row-wise (``train.item_updates``; ``auto``: a
+    sampled loss, the plain engine, Adam (TP's outer optimizer too) and at least
+    ``SPARSE_ITEMS_FROM`` items)."""
+    train = cfg.train
+    if train.item_updates != "auto":
+        return train.item_updates == "sparse"
+    outer_adam = train.method != "tp" or cfg.tp.outer_optimizer == "adam"
+    big = num_items >= SPARSE_ITEMS_FROM
+    return train.loss != "ce" and train.engine == "plain" and outer_adam and big
 
 
 def check_loss_fits(cfg: Config, num_items: int, memory_bytes: int | None = None) -> int:

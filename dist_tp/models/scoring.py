@@ -135,6 +135,14 @@ class Recommender(nn.Module):
         ids = {id(p) for p in rows}
         return [name for name, p in self.named_parameters() if id(p) in ids]
 
+    def item_table_names(self) -> list[str]:
+        """The item tables' names (``[N+1, D]`` weights): the parameters that
+        ``train.item_updates=sparse`` updates row-wise (the output bias stays dense)."""
+        tables = {id(self.item_emb.weight)}
+        if self.out_emb is not None:
+            tables.add(id(self.out_emb.weight))
+        return [name for name, p in self.named_parameters() if id(p) in tables]
+
     def encode_all(self, seq: Tensor) -> Tensor:
         """Embeddings of every prefix window, ``[B, L]`` -> ``[B, L, D]``.
 
@@ -146,10 +154,29 @@ class Recommender(nn.Module):
             raise NotImplementedError(f"{name} encodes whole windows only; use encode()")
         return self.encoder.forward_all(seq)  # [B, L, D]
 
+    @property
+    def sparse_items(self) -> bool:
+        """Whether item-table lookups give sparse (row) gradients (:meth:`set_sparse_items`)."""
+        return self.item_emb.sparse
+
+    def set_sparse_items(self, on: bool) -> None:
+        """Make every lookup into the item tables give a sparse gradient, holding only the
+        rows it read (``train.item_updates=sparse``): the encoder's input lookups and the
+        loss's rows of the output table. A full-softmax or full-ranking product still gives a
+        dense one. The bias, when there is one, keeps a dense gradient (one float per item)."""
+        self.item_emb.sparse = on
+        if self.out_emb is not None:
+            self.out_emb.sparse = on
+
+    def _rows(self, items: Tensor, weight: Tensor) -> Tensor:
+        """Rows ``items`` of an item table, with a sparse gradient under
+        :meth:`set_sparse_items`."""
+        return F.embedding(items, weight, sparse=self.sparse_items)
+
     def score_items(self, emb: Tensor, items: Tensor) -> Tensor:
         """Scores of chosen items: ``emb [..., D]`` against ``items [..., C]`` -> ``[..., C]``."""
         weight, bias = self._table()
-        vecs = F.embedding(items, weight)  # [..., C, D]
+        vecs = self._rows(items, weight)  # [..., C, D]
         scores = (vecs * emb.unsqueeze(-2)).sum(-1)  # [..., C]
         if bias is not None:
             scores = scores + bias[items]  # [..., C]
@@ -217,6 +244,7 @@ class Recommender(nn.Module):
         sampling: str = "uniform",
         log_q: Tensor | None = None,
         reduction: str = "mean",
+        shared: bool = False,
     ) -> Tensor:
         """Mean next-item loss of sequence embeddings ``emb [M, D]`` for targets ``pos [M]``
         (``reduction="none"``: the ``[M]`` losses). The one training loss: joint training
@@ -231,8 +259,16 @@ class Recommender(nn.Module):
         logit corrected by ``- log q(item)``) or against the other positives of the batch
         (``in_batch``, logQ-corrected too); a negative equal to the row's positive is left
         out. ``log_q`` (``[N+1]``, indexed like the item ids given) defaults to the model's
-        (``set_item_popularity``); TP's lanes pass their own rows of it.
+        (``set_item_popularity``); TP's lanes pass their own rows of it. ``shared``
+        (``sampled_softmax``, or ``negatives`` given as ``[K]``): one set of ``num_negatives``
+        negatives for every window, scored by one matrix product (:meth:`_shared_softmax`).
         """
+        if kind == "sampled_softmax" and (
+            shared or (negatives is not None and negatives.dim() == 1)
+        ):
+            return self._shared_softmax(
+                emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
+            )
         if kind == "sampled_softmax":
             return self._sampled_softmax(
                 emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
@@ -254,18 +290,50 @@ class Recommender(nn.Module):
             return per_pos if reduction == "none" else per_pos.mean()
         raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
 
-    def _sampled_softmax(
-        self, emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
-    ) -> Tensor:
+    def _log_q(self, sampling: str, log_q: Tensor | None) -> Tensor | None:
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if sampling != "uniform" and log_q is None:
             log_q = self.log_q
             if log_q is None:
                 raise RuntimeError(f"{sampling} negatives need set_item_popularity(counts)")
+        return log_q
+
+    def _shared_softmax(
+        self, emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
+    ) -> Tensor:
+        """Softmax of each window's positive against one set of negatives ``[K]`` shared by
+        the whole batch (uniform over ``1..N``, or by popularity with logQ correction); a
+        negative equal to the window's positive is left out of that window's softmax."""
+        log_q = self._log_q(sampling, log_q)
+        if sampling == "in_batch":
+            raise ValueError("shared negatives are uniform or popularity, not in_batch")
+        neg = negatives  # [K]
+        if neg is None:
+            if sampling == "popularity":
+                neg = self.sample_popular((num_negatives,), generator)
+            else:
+                neg = torch.randint(
+                    1, self.num_items + 1, (num_negatives,), generator=generator, device=pos.device
+                )
+        weight, bias = self._table()
+        positive = (self._rows(pos, weight) * emb).sum(-1, keepdim=True)  # [M, 1]
+        others = emb @ self._rows(neg, weight).t()  # [M, K]
+        if bias is not None:
+            positive, others = positive + bias[pos, None], others + bias[neg]
+        if sampling == "popularity":
+            positive, others = positive - log_q[pos, None], others - log_q[neg]
+        others = others.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
+        logits = torch.cat([positive, others], 1)  # [M, 1+K]
+        return F.cross_entropy(logits, torch.zeros_like(pos), reduction=reduction)
+
+    def _sampled_softmax(
+        self, emb, pos, num_negatives, generator, negatives, sampling, log_q, reduction
+    ) -> Tensor:
+        log_q = self._log_q(sampling, log_q)
         if sampling == "in_batch":
             weight, bias = self._table()
-            vecs = F.embedding(pos, weight)  # [M, D]
+            vecs = self._rows(pos, weight)  # [M, D]
             logits = emb @ vecs.t()  # [M, M]: row i against every positive of the batch
             if bias is not None:
                 logits = logits + bias[pos]

@@ -35,6 +35,13 @@ class LocalComm:
         """Every rank's ``obj`` as a list on rank 0 (rank order); None on the others."""
         return [obj]
 
+    def all_gather_rows(
+        self, rows: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's ``rows [n_r]`` and ``values [n_r, ...]``, concatenated in rank order
+        on every rank (the counts may differ between ranks)."""
+        return rows, values
+
     def barrier(self) -> None:
         pass
 

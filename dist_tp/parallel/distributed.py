@@ -63,6 +63,25 @@ class DistComm(LocalComm):
             tensor.copy_(staged)
         return tensor
 
+    def all_gather_rows(
+        self, rows: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts first, then rows and values padded to the largest count (one all-gather
+        each), trimmed back to each rank's count."""
+        count = torch.tensor([len(rows)], dtype=torch.int64, device=self.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        width = max(sizes)
+        out = []
+        for tensor in (rows, values):
+            padded = tensor.new_zeros((width, *tensor.shape[1:]), device=self.device)
+            padded[: len(tensor)] = tensor.to(self.device)
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded)
+            out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device))
+        return out[0], out[1]
+
     def gather_object(self, obj):
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dist_tp.config import ConfigError, TrainConfig
 from dist_tp.parallel.comm import LocalComm, broadcast_module
+from dist_tp.parallel.rows import RowAdam, clip_grad_norm, row_gradient, touched_rows
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0: no clipping
     compress: str = "none"  # wire dtype of averaged pseudo-gradients: none | bf16 | fp16
+    sparse_rows: tuple[str, ...] = ()
+    """Names (``module.named_parameters()``; for several modules ``key.name``) of item tables
+    updated row by row (:class:`~dist_tp.parallel.rows.RowAdam`) from sparse gradients."""
 
 
 class GradientOptimizer(Protocol):
@@ -74,6 +78,40 @@ class Host(Protocol):
         ...
 
 
+def _split_rows(
+    named: list[tuple[str, nn.Parameter]], spec: OptimizerSpec
+) -> tuple[list[nn.Parameter], RowAdam | None]:
+    """(the parameters a torch optimizer updates, a :class:`RowAdam` over the item tables
+    ``spec.sparse_rows`` names, or None when it names none)."""
+    names = [n for n, _ in named]
+    unknown = sorted(set(spec.sparse_rows) - set(names))
+    if unknown:
+        raise ValueError(f"sparse_rows names no parameter: {unknown}")
+    if spec.sparse_rows and spec.kind != "adam":
+        raise ConfigError("row-wise item updates (train.item_updates=sparse) need Adam")
+    rows = [p for n, p in named if n in spec.sparse_rows]
+    dense = [p for n, p in named if n not in spec.sparse_rows]
+    if not rows:
+        return dense, None
+    return dense, RowAdam(rows, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _rows_state(rows: RowAdam | None, state: dict) -> dict:
+    """``state`` with the row-wise optimizer's under ``rows`` (when there is one)."""
+    return state if rows is None else {**state, "rows": rows.state_dict()}
+
+
+def _load_rows(rows: RowAdam | None, state: dict) -> None:
+    if (rows is None) != ("rows" not in state):
+        written = "row-wise" if "rows" in state else "dense"
+        raise ConfigError(
+            f"cannot resume: last.pt was written with {written} item-table updates "
+            "(train.item_updates), this run uses the other"
+        )
+    if rows is not None:
+        rows.load_state_dict(state["rows"])
+
+
 def _torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
     if spec.kind == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -88,25 +126,34 @@ class TorchGradientOptimizer:
 
     def __init__(self, module: nn.Module, spec: OptimizerSpec, comm: LocalComm) -> None:
         self.module, self.spec = module, spec
+        # DDP after the tables turned sparse: its reducer takes their sparse gradients apart
         self.net = _data_parallel(module) if comm.world_size > 1 else module
-        self.opt = _torch_optimizer(list(module.parameters()), spec)
+        dense, self.rows = _split_rows(list(module.named_parameters()), spec)
+        self.opt = _torch_optimizer(dense, spec)
 
     def __call__(self, *args, **kwargs) -> Tensor:
         return self.net(*args, **kwargs)
 
     def update(self, loss: Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
+        if self.rows is not None:
+            self.rows.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over ranks
-        if self.spec.grad_clip > 0:
+        if self.spec.grad_clip > 0 and self.rows is not None:
+            clip_grad_norm(list(self.module.parameters()), self.spec.grad_clip)
+        elif self.spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.spec.grad_clip)
         self.opt.step()
+        if self.rows is not None:
+            self.rows.step()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict()}
+        return _rows_state(self.rows, {"optimizer": self.opt.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         if "optimizer" not in state:
             raise ConfigError("cannot resume: last.pt was written by a DeepSpeed engine")
+        _load_rows(self.rows, state)
         self.opt.load_state_dict(state["optimizer"])
 
 
@@ -131,31 +178,58 @@ class TorchPseudoGradientOptimizer:
         if comm.world_size > 1:  # every rank starts from rank 0's parameters
             for module in modules.values():
                 broadcast_module(module, comm)
-        self.params = [p for module in modules.values() for p in module.parameters()]
+        named = [(f"{key}.{n}", p) for key, m in modules.items() for n, p in m.named_parameters()]
+        self.params = [p for _, p in named]
+        self.is_row = [n in spec.sparse_rows for n, _ in named]
         wire = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.wire_dtype = wire[spec.compress]
         self.bytes_sent = 0  # pseudo-gradient bytes put on the wire by this rank
-        self.opt = _torch_optimizer(self.params, OptimizerSpec(lr=spec.lr, kind=spec.kind))
+        dense, self.rows = _split_rows(
+            named, OptimizerSpec(lr=spec.lr, kind=spec.kind, sparse_rows=spec.sparse_rows)
+        )
+        self.opt = _torch_optimizer(dense, OptimizerSpec(lr=spec.lr, kind=spec.kind))
+
+    def _wire(self, tensor: Tensor) -> Tensor:
+        wire = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
+        self.bytes_sent += wire.numel() * wire.element_size()
+        return wire
+
+    def _row_grad(self, p: Tensor, grad: Tensor) -> Tensor:
+        """An item table's pseudo-gradient, sparse, averaged over processes: every rank's
+        touched rows travel (an all-gather of rows and values), never the table."""
+        rows, values = touched_rows(grad)
+        if self.comm.world_size > 1:
+            self.bytes_sent += rows.numel() * rows.element_size()
+            rows, values = self.comm.all_gather_rows(rows, self._wire(values))
+            values = values.to(torch.float32) / self.comm.world_size
+        return row_gradient(rows, values.to(p.dtype), p.shape)
 
     def step(self, grads: list[Tensor]) -> None:
-        """Average ``grads`` (aligned with the parameters) over processes, then one step."""
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket
+        """Average ``grads`` (aligned with the parameters; an item table's may be sparse)
+        over processes, then one step."""
+        dense = [g for g, row in zip(grads, self.is_row) if not row]
+        flat = torch.cat([g.reshape(-1) for g in dense])  # one bucket
         if self.comm.world_size > 1:
-            wire = flat if self.wire_dtype is None else flat.to(self.wire_dtype)
-            self.bytes_sent += wire.numel() * wire.element_size()
-            flat = self.comm.all_reduce_mean(wire).to(torch.float32)
+            flat = self.comm.all_reduce_mean(self._wire(flat)).to(torch.float32)
         offset = 0
-        for p in self.params:
+        for p, g, row in zip(self.params, grads, self.is_row):
+            if row:
+                p.grad = self._row_grad(p, g)
+                continue
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.rows is not None:
+            self.rows.step()
+            self.rows.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return self.opt.state_dict()
+        return _rows_state(self.rows, self.opt.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state)
+        _load_rows(self.rows, state)
+        self.opt.load_state_dict({k: v for k, v in state.items() if k != "rows"})
 
 
 class TorchHost:
@@ -184,6 +258,8 @@ class DeepSpeedHost:
 
         if spec.kind != "adam":
             raise ConfigError("train.engine=deepspeed hosts Adam only")
+        if spec.sparse_rows:
+            raise ConfigError("train.item_updates=sparse needs train.engine=plain")
         return EngineGradientOptimizer(module, spec, path=self.path, comm=self.comm)
 
     def pseudo_gradient_optimizer(
@@ -191,6 +267,8 @@ class DeepSpeedHost:
     ) -> PseudoGradientOptimizer:
         from dist_tp.parallel.deepspeed_engine import EngineOuter
 
+        if spec.sparse_rows:
+            raise ConfigError("train.item_updates=sparse needs train.engine=plain")
         if spec.kind != "adam" or spec.compress != "none":
             raise ConfigError(
                 "train.engine=deepspeed hosts an Adam outer step with DeepSpeed's own "

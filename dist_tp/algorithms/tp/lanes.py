@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 from dist_tp.algorithms.tp.discriminator import disc_loss, grad_reverse
 from dist_tp.algorithms.tp.sampler import LaneBatch
 from dist_tp.core.device import module_device, to_device
+from dist_tp.parallel.rows import row_gradient
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,16 @@ class InnerLoop:
         lambda_adv: float,
         bucketing: bool = True,
         sampling: str = "uniform",
+        row_tables: bool = False,
     ) -> None:
+        """``row_tables``: the item tables' pseudo-gradients come back sparse (the lanes'
+        touched rows), for a row-wise outer step (``train.item_updates=sparse``)."""
         self.model, self.disc = model, disc
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
         self.sampling = sampling
         self.row_names = model.item_row_names()  # the parameters a lane keeps rows of
         self.sparse = loss != "ce"
+        self.row_tables = set(model.item_table_names()) if row_tables and self.sparse else set()
         self.all_positions = bool(getattr(model, "supports_all_positions", False))
         # buckets only pay off where lanes differ in shape: all-positions encoders
         self.bucketing = bucketing and self.all_positions
@@ -345,7 +350,10 @@ class InnerLoop:
         grads = {}
         for n, p in params.items():
             delta = start[n] - lane[n]  # [M, ...] Θ − θ_k per lane
-            if touched is not None and n in self.row_names:
+            if touched is not None and n in self.row_tables:
+                rows = row_gradient(touched.reshape(-1), delta.flatten(0, 1), p.shape)
+                grads[n] = rows / lanes  # sparse: the touched rows alone
+            elif touched is not None and n in self.row_names:
                 dense = torch.zeros_like(p).index_add_(0, touched.reshape(-1), delta.flatten(0, 1))
                 grads[n] = dense / lanes
             else:

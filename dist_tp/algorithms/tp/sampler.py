@@ -103,17 +103,22 @@ class TaskSampler:
         lane_users: list[np.ndarray] | None = None,
         by_windows: bool = False,
         negative_cdf: np.ndarray | None = None,
+        shared_negatives: bool = False,
     ) -> LaneBatch:
         """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
         users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes.
         Users are picked uniformly, or with ``by_windows`` in proportion to their windows.
         Negatives are uniform over the items but the positive, or with ``negative_cdf``
-        (cumulative popularity of items 1..N) drawn in proportion to popularity."""
+        (cumulative popularity of items 1..N) drawn in proportion to popularity. With
+        ``shared_negatives`` each lane's inner step draws one set for all its windows (uniform
+        over 1..N, or by popularity): a draw equal to a window's positive is masked by the
+        loss."""
         lanes = len(rngs)
         per_lane = k * users_per_step
         users = np.empty(lanes * per_lane, dtype=np.int64)  # [U] lane-major
         picks = np.empty((lanes * per_lane, inner_batch), dtype=np.int64)
         draws = np.zeros((lanes * per_lane, inner_batch, num_negatives), dtype=np.int64)
+        shared = np.zeros((lanes, k, num_negatives), dtype=np.int64) if shared_negatives else None
         for m, rng in enumerate(rngs):
             pool = None if lane_users is None else lane_users[m]
             chosen = self._pick_users(rng, per_lane, pool, by_windows)
@@ -122,7 +127,12 @@ class TaskSampler:
             for j, u in enumerate(chosen):
                 n = int(self.n_windows[u])
                 picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
-            if num_negatives > 0 and negative_cdf is not None:
+            if shared is not None and negative_cdf is not None:
+                u = rng.random((k, num_negatives)) * negative_cdf[-1]
+                shared[m] = np.searchsorted(negative_cdf, u, side="right") + 1
+            elif shared is not None:
+                shared[m] = rng.integers(1, num_items + 1, (k, num_negatives))
+            elif num_negatives > 0 and negative_cdf is not None:
                 u = rng.random((per_lane, inner_batch, num_negatives)) * negative_cdf[-1]
                 draws[lo : lo + per_lane] = np.searchsorted(negative_cdf, u, side="right") + 1
             elif num_negatives > 0:
@@ -136,7 +146,11 @@ class TaskSampler:
         labels = np.repeat(self.seqs.is_head[users].astype(np.float32)[:, None], inner_batch, 1)
         shape = (lanes, k, users_per_step * inner_batch)
         negatives = None
-        if num_negatives > 0 and negative_cdf is not None:
+        if shared is not None:  # one set per lane and step, for all its windows
+            if negative_cdf is not None:
+                np.minimum(shared, len(negative_cdf), out=shared)  # u at the very top
+            negatives = np.broadcast_to(shared[:, :, None], (*shape, num_negatives)).copy()
+        elif num_negatives > 0 and negative_cdf is not None:
             np.minimum(draws, len(negative_cdf), out=draws)  # u at the very top
             negatives = draws.reshape(*shape, num_negatives)  # may hit the positive: masked
         elif num_negatives > 0:

@@ -22,6 +22,7 @@ from dist_tp.config import Config
 from dist_tp.core.device import module_device
 from dist_tp.core.seeding import seed_step
 from dist_tp.data.stream import PreparedData
+from dist_tp.models.saved import sparse_item_updates
 from dist_tp.parallel.comm import check_replicas
 from dist_tp.parallel.host import Host, OptimizerSpec
 
@@ -85,6 +86,7 @@ class TPStepper:
         self.lane_users: list[np.ndarray] | None = None  # tests: pin lanes to user subsets
         self._partial: tuple | None = None  # the running epoch's figures, for a checkpoint
         self._carried: dict | None = None  # the same, restored from a mid-epoch checkpoint
+        sparse = sparse_item_updates(cfg, model.num_items)
         self.inner = InnerLoop(
             model,
             self.disc,
@@ -92,6 +94,7 @@ class TPStepper:
             inner_lr=tp.inner_lr,
             lambda_adv=tp.lambda_adv,
             sampling=cfg.train.negatives,
+            row_tables=sparse,
         )
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
@@ -99,7 +102,12 @@ class TPStepper:
         # the host starts every rank from rank 0's parameters and averages the steps' input
         self.outer = host.pseudo_gradient_optimizer(
             self.modules(),
-            OptimizerSpec(lr=tp.outer_lr, kind=tp.outer_optimizer, compress=tp.compress),
+            OptimizerSpec(
+                lr=tp.outer_lr,
+                kind=tp.outer_optimizer,
+                compress=tp.compress,
+                sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
+            ),
         )
         self._negative_cdf = None  # popularity negatives: cumulative q over items 1..N
         if cfg.train.negatives != "uniform":
@@ -156,6 +164,7 @@ class TPStepper:
             lane_users=self.lane_users,
             by_windows=tp.user_sampling == "windows",
             negative_cdf=self._negative_cdf if self.cfg.train.negatives == "popularity" else None,
+            shared_negatives=self.cfg.train.shared_negatives,
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
