@@ -22,14 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dist_tp.algorithms.joint import batch_loss, batches
 from dist_tp.config import load_config
-from dist_tp.data.examples import training_rows
 from dist_tp.data.prepare import prepare
-from dist_tp.data.stream import UserStream, open_prepared, to_sequences
+from dist_tp.data.stream import open_prepared
 from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.models.saved import build
 
@@ -51,33 +48,31 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 
 
 def joint_steps(cfg, device: torch.device):
-    """The joint training step, endlessly: yields the windows of each mini-batch it trained."""
+    """The joint training step, endlessly: yields the windows of each mini-batch it trained.
+    The product's own stepper (its loss, optimizer and ``train.item_updates`` choice), one
+    process."""
+    from dist_tp.algorithms.joint import JointStepper
+
     torch.manual_seed(0)
-    data = open_prepared(cfg.data.path)
-    model = build(cfg, data).to(device)
-    if cfg.train.negatives != "uniform":  # popularity or in-batch negatives: their log q
-        model.set_item_popularity(data.training_counts())
+    model = build(cfg, open_prepared(cfg.data.path)).to(device)
+    stepper = JointStepper(model, cfg)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator(device=device).manual_seed(0)
-    stream = UserStream(cfg.data.path, roles=["existing"], seed=0, batch_rows=512)
-    rng = np.random.default_rng(0)
+    epoch = 0
     while True:
-        for batch in stream:
-            rows = training_rows(
-                to_sequences(batch),
-                max_len=cfg.model.max_len,
-                all_positions=model.supports_all_positions,
-            )
-            for mb in batches(rows, cfg.train.batch_size, rng):
-                bf16 = cfg.train.precision == "bf16"
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = batch_loss(model, mb, cfg, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                yield int(mb.windows.sum())
-        stream.set_epoch(stream.epoch + 1)
+        for mb in stepper.epoch_batches(epoch):
+            inputs, targets = torch.as_tensor(mb.inputs), torch.as_tensor(mb.targets)
+            weights = None if mb.weights is None else torch.as_tensor(mb.weights)
+            bf16 = cfg.train.precision == "bf16"
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = stepper.opt(
+                    inputs.to(device),
+                    targets.to(device),
+                    generator=stepper.gen,
+                    weights=None if weights is None else weights.to(device),
+                )
+            stepper.opt.update(loss)
+            yield int(mb.windows.sum())
+        epoch += 1
 
 
 def tp_steps(cfg, device: torch.device, bucketing: bool = True):

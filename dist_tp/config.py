@@ -108,6 +108,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     """Clip the gradient norm to this value; 0 disables."""
+    epoch_steps: int = 0
+    """Cap an epoch at this many steps (joint: mini-batches; TP: outer steps), 0: a whole
+    pass. For logs where one pass takes hours: validation, checkpoints, early stopping and the
+    curves come every this many steps, each epoch from a fresh shuffle of the users."""
     patience: int = 3
     """Stop after this many evaluations without a better validation NDCG@10."""
     eval_every: int = 1
@@ -203,6 +207,7 @@ class TrainConfig:
             grad_clip=self.grad_clip,
             threads=self.threads,
             checkpoint_every=self.checkpoint_every,
+            epoch_steps=self.epoch_steps,
         )
         if self.balance not in ("window", "user"):
             raise ConfigError(f"train.balance must be window or user, got {self.balance!r}")
@@ -262,6 +267,10 @@ class TPConfig:
     """Pseudo-gradient dtype on the wire between ranks: ``none`` (float32), ``bf16``, ``fp16``."""
     check_replicas_every: int = 0
     """Debug: every N outer steps compare a parameter checksum across ranks; fail on drift."""
+    pool_users: int = 0
+    """0: each rank holds its whole share of the existing users. P: each rank holds a pool of
+    about P users read from its own row groups, refilled as the epoch goes on, so memory
+    follows P, not the dataset (:mod:`dist_tp.algorithms.tp.pool`)."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.lanes < 1 or self.inner_batch < 1 or self.users_per_step < 1:
@@ -273,7 +282,9 @@ class TPConfig:
         if self.lambda_adv < 0:
             raise ConfigError("tp.lambda_adv must be >= 0")
         _check_at_least("tp", 0, strict=True, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
-        _check_at_least("tp", 0, check_replicas_every=self.check_replicas_every)
+        _check_at_least(
+            "tp", 0, check_replicas_every=self.check_replicas_every, pool_users=self.pool_users
+        )
         _check_at_least("tp", 1, **{f"disc_hidden[{i}]": h for i, h in enumerate(self.disc_hidden)})
         if self.compress not in ("none", "bf16", "fp16"):
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
@@ -320,7 +331,8 @@ class TrackConfig:
     run_name: str = ""
     """Empty: the run folder's name."""
     log_every: int = 50
-    """TP: log the mean step loss every this many outer steps (0: per epoch only)."""
+    """Log the mean step loss every this many steps (TP: outer steps; joint: mini-batches);
+    0: per epoch only."""
     log_checkpoint: bool = True
     """Upload the best checkpoint as an artifact."""
 

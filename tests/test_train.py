@@ -212,6 +212,30 @@ def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
     assert other["existing"] != a["existing"]
 
 
+@pytest.mark.parametrize("method", ["joint", "tp"])
+def test_epoch_steps_caps_each_epoch_and_each_epoch_reshuffles(prepared, tmp_path, method):
+    cfg = tiny(
+        prepared,
+        f"train.method={method}",
+        "tp.lanes=2",
+        "train.epochs=2",
+        "train.epoch_steps=3",
+        "train.loss=sampled_softmax",
+        "train.num_negatives=4",
+        "train.patience=9",
+    )
+    run_training(cfg, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 2 and all("valid_ndcg10" in h for h in history)
+    if method == "joint":
+        assert [h["steps"] for h in history] == [3, 3]
+        assert history[0]["windows"] < 3 * 2 * cfg.train.batch_size  # a part of a pass
+    else:
+        windows = 3 * 2 * cfg.tp.k * cfg.tp.users_per_step * cfg.tp.inner_batch
+        assert [h["windows"] for h in history] == [windows, windows]
+    assert history[0]["loss"] != history[1]["loss"]
+
+
 def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypatch):
     """A crash right after the mid-epoch checkpoint of step 10; ``--resume`` reads on from the
     stream position in ``last.pt`` (only the row groups from the checkpoint's pool on) and

@@ -141,8 +141,6 @@ class JointStepper:
     folder ``data.path``.
     """
 
-    steps_per_epoch = None  # an epoch ends when every rank's users are used up
-
     def __init__(
         self,
         model,
@@ -155,6 +153,8 @@ class JointStepper:
         self.model, self.cfg = model, cfg
         self.comm, host = comm_and_host(cfg, comm, host)
         train = cfg.train
+        # an epoch ends when every rank's users are used up, or after train.epoch_steps
+        self.steps_per_epoch = train.epoch_steps or None
         sparse = sparse_item_updates(cfg, model.num_items)
         model.set_sparse_items(sparse)  # before the host wraps it (DDP reads the tables' flag)
         self.opt = host.gradient_optimizer(
@@ -257,7 +257,7 @@ class JointStepper:
         if start_step and position is None:  # a last.pt from before positions were kept
             for _ in range(start_step):
                 next(mbs, None)
-        while True:
+        while self.steps_per_epoch is None or step < self.steps_per_epoch:
             item = next(mbs, None)  # a spent rank keeps its last position: nothing follows it
             mb, position = item if item is not None else (None, position)
             n = 0 if mb is None else int(mb.windows.sum())
@@ -294,8 +294,8 @@ class JointStepper:
                 "seconds": carried["seconds"] + time.perf_counter() - started,
                 "position": position,
             }
-            if on_step is not None:
-                on_step(step, {})
+            if on_step is not None:  # the loss stays on the device until it is logged
+                on_step(step, {"loss": loss.detach()} if n else {})
             step += 1
         self._partial = None
         bar.close()

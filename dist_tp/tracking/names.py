@@ -84,12 +84,13 @@ def epoch_metrics(record: dict) -> dict[str, float]:
 
 
 def step_metrics(window: list[dict]) -> dict[str, float]:
-    """Mean per-step figures over the last ``track.log_every`` steps (TP: the inner loop's
-    ``loss`` and ``disc_loss``) → ``step/<name>``; a figure that is zero throughout (no
-    discriminator) is left out."""
+    """Mean per-step figures over the last ``track.log_every`` steps (joint: the mini-batch
+    ``loss``, read from the device only here; TP: the inner loop's ``loss`` and
+    ``disc_loss``) → ``step/<name>``; a figure that is zero throughout (no discriminator) is
+    left out."""
     n = len(window)
     out = {}
     for name in window[0]:
         if name == "loss" or any(figures[name] for figures in window):
-            out[f"step/{name}"] = sum(figures[name] for figures in window) / n
+            out[f"step/{name}"] = float(sum(figures[name] for figures in window)) / n
     return out
