@@ -17,6 +17,7 @@ from dist_tp.algorithms.base import OnStep, comm_and_host, register
 from dist_tp.algorithms.tp.disc_metrics import disc_figures, discriminator_metrics
 from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.algorithms.tp.lanes import InnerLoop
+from dist_tp.algorithms.tp.pool import UserPools
 from dist_tp.algorithms.tp.sampler import TaskSampler, load_part
 from dist_tp.config import Config
 from dist_tp.core.device import module_device
@@ -41,7 +42,9 @@ class TPStepper:
     """Holds the discriminator, the task sampler, the inner loop and the outer optimizer.
 
     ``host`` defaults to the one ``train.engine`` names over ``comm``, ``comm`` to the host's,
-    ``data`` to the folder ``data.path``; ``sampler`` (tests) replaces this rank's users."""
+    ``data`` to the folder ``data.path``; ``sampler`` (tests) replaces this rank's users.
+    With ``tp.pool_users`` (and no ``sampler``) the rank's users come from ``pools``
+    (:mod:`.pool`), one pool at a time, and ``sampler`` is None."""
 
     def __init__(
         self,
@@ -65,23 +68,13 @@ class TPStepper:
                 torch.manual_seed(cfg.train.seed + 7919)
                 self.disc = Discriminator(cfg.model.dim, tp.disc_hidden)
             self.disc.to(module_device(model))
-        rank, world = self.comm.rank, self.comm.world_size
-        if sampler is None:  # this rank's users only
-            sampler, loads = load_part(
-                self.data, max_len=cfg.model.max_len, rank=rank, world_size=world
-            )
-        elif world > 1:
-            parts = sampler.partition(world)
-            loads = [int(sampler.n_windows[p].sum()) for p in parts]
-            sampler = sampler.subset(parts[rank])
-        if world > 1:
-            log.info(
-                "rank %d: %d users, %d windows; imbalance max/mean %.4f",
-                rank,
-                len(sampler),
-                loads[rank],
-                max(loads) / (sum(loads) / len(loads)),
-            )
+        self.pools: UserPools | None = None
+        if sampler is None and tp.pool_users:
+            self.pools = self._open_pools()
+            windows = self.pools.epoch_windows(0)
+        else:
+            sampler = self._rank_sampler(sampler)
+            windows = sampler.total_windows
         self.sampler = sampler
         self.lane_users: list[np.ndarray] | None = None  # tests: pin lanes to user subsets
         self._partial: tuple | None = None  # the running epoch's figures, for a checkpoint
@@ -115,10 +108,60 @@ class TPStepper:
             self._negative_cdf = model.neg_cdf.cpu().numpy()
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
-        total = self.comm.all_reduce_sum(torch.tensor(float(sampler.total_windows)))
+        total = self.comm.all_reduce_sum(torch.tensor(float(windows)))
         self.steps_per_epoch = math.ceil(
             float(total) / (self.windows_per_step * self.comm.world_size)
         )
+        self.steps_per_pass = self.steps_per_epoch  # what the pools' refills are spread over
+        if cfg.train.epoch_steps:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.epoch_steps)
+
+    def _rank_sampler(self, sampler: TaskSampler | None) -> TaskSampler:
+        """This rank's whole share of the existing users (of ``sampler`` when given)."""
+        rank, world = self.comm.rank, self.comm.world_size
+        if sampler is None:  # this rank's users only
+            sampler, loads = load_part(
+                self.data, max_len=self.cfg.model.max_len, rank=rank, world_size=world
+            )
+        elif world > 1:
+            parts = sampler.partition(world)
+            loads = [int(sampler.n_windows[p].sum()) for p in parts]
+            sampler = sampler.subset(parts[rank])
+        if world > 1:
+            log.info(
+                "rank %d: %d users, %d windows; imbalance max/mean %.4f",
+                rank,
+                len(sampler),
+                loads[rank],
+                max(loads) / (sum(loads) / len(loads)),
+            )
+        return sampler
+
+    def _open_pools(self) -> UserPools:
+        """This rank's pools of ``tp.pool_users`` users, from its own row groups."""
+        pools = UserPools(
+            self.data,
+            pool_users=self.cfg.tp.pool_users,
+            max_len=self.cfg.model.max_len,
+            rank=self.comm.rank,
+            world_size=self.comm.world_size,
+            seed=self.cfg.train.seed,
+        )
+        log.info(
+            "rank %d: pools of about %d users from %d row groups (%d windows in epoch 0)",
+            self.comm.rank,
+            self.cfg.tp.pool_users,
+            len(pools.units(0)),
+            pools.epoch_windows(0),
+        )
+        return pools
+
+    def sampler_at(self, epoch: int, step: int) -> TaskSampler:
+        """The users outer step ``step`` of ``epoch`` draws from: this rank's share, or the
+        pool serving that step (read when the step is the pool's first)."""
+        if self.pools is None:
+            return self.sampler
+        return self.pools.pool_at(epoch, step, self.steps_per_pass).sampler
 
     @property
     def data(self) -> PreparedData:
@@ -153,7 +196,7 @@ class TPStepper:
             np.random.default_rng([train.seed, epoch, step, first_lane + m])
             for m in range(tp.lanes)
         ]
-        batch = self.sampler.sample(
+        batch = self.sampler_at(epoch, step).sample(
             rngs,
             k=tp.k,
             users_per_step=tp.users_per_step,
@@ -227,8 +270,11 @@ class TPStepper:
 
     def state_dict(self) -> dict:
         """The outer optimizer's state; mid-epoch also this rank's figures of the epoch so far
-        (rank 0's are what ``history.json`` records)."""
+        (rank 0's are what ``history.json`` records); with pools, where each rank's pool in
+        use began (gathered: a collective, called on every rank; complete on rank 0)."""
         state = {"outer": self.outer.state_dict()}
+        if self.pools is not None:
+            state["pools"] = self.comm.gather_object(self.pools.state_dict())
         if self._partial is not None:
             losses, dlosses, logits, labels, seconds = self._partial
             state["epoch_figures"] = {
@@ -243,3 +289,12 @@ class TPStepper:
     def load_state_dict(self, state: dict) -> None:
         self.outer.load_state_dict(state["outer"])
         self._carried = state.get("epoch_figures")  # None: an epoch's end, or an older last.pt
+        if self.pools is not None:
+            self.pools.load_state_dict(self._own_pool(state.get("pools")))
+
+    def _own_pool(self, saved: list | None) -> dict | None:
+        """This rank's pool of a checkpoint's ``pools`` (one per rank); None when there is no
+        such list (the run's pool is then found again from its epoch's start, reading only)."""
+        if saved is None or len(saved) != self.comm.world_size:
+            return None
+        return saved[self.comm.rank]
