@@ -108,7 +108,7 @@ class TPStepper:
             self._negative_cdf = model.neg_cdf.cpu().numpy()
         self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         # an epoch = as many windows as a joint epoch over all ranks' users
-        total = self.comm.all_reduce_sum(torch.tensor(float(windows)))
+        total = self.comm.all_reduce_sum(torch.tensor(float(windows), dtype=torch.float64))
         self.steps_per_epoch = math.ceil(
             float(total) / (self.windows_per_step * self.comm.world_size)
         )
