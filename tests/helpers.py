@@ -138,6 +138,14 @@ class Server:
                 self.proc.wait()
 
 
+ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise item updates
+    "train.loss=sampled_softmax",
+    "train.negatives=popularity",
+    "train.num_negatives=8",
+    "train.shared_negatives=true",
+    "train.item_updates=sparse",
+)
+
 # --- small TP set-ups --------------------------------------------------------------------
 
 NUM_ITEMS = 30

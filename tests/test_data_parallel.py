@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
+from helpers import ENV, REPO, ROW_WISE, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.joint import JointStepper, batch_loss
 from dist_tp.config import ConfigError, load_config
@@ -43,8 +43,9 @@ def _flat(params: dict) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in params.values()])
 
 
-def _union_reference(path: str, *overrides: str):
-    """One process, one epoch: Adam on the union of rank 0's and rank 1's t-th mini-batch."""
+def _two_rank_views(path: str, *overrides: str):
+    """(config, one model with rank 0's initialisation, a stepper reading each of 2 ranks'
+    mini-batches of that model)."""
     cfg = load_config(
         "configs/tiny.yaml",
         [f"data.path={path}", "model.dropout=0.0", "train.seed=3", *overrides],
@@ -52,6 +53,12 @@ def _union_reference(path: str, *overrides: str):
     torch.manual_seed(0)  # rank 0's initialisation
     model = build_model(cfg.model, open_prepared(path).num_items)
     views = [JointStepper(model, cfg, RankView(r, 2), host=TorchHost()) for r in range(2)]
+    return cfg, model, views
+
+
+def _union_reference(path: str, *overrides: str):
+    """One process, one epoch: Adam on the union of rank 0's and rank 1's t-th mini-batch."""
+    cfg, model, views = _two_rank_views(path, *overrides)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     steps = 0
     for pair in zip_longest(*(v.epoch_batches(0) for v in views)):
@@ -130,26 +137,11 @@ def test_ddp_with_user_balanced_weights_equals_the_union(prepared, tmp_path):
     _assert_matches(state, _union_reference(path, "train.balance=user"))
 
 
-ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise item updates
-    "train.loss=sampled_softmax",
-    "train.negatives=popularity",
-    "train.num_negatives=8",
-    "train.shared_negatives=true",
-    "train.item_updates=sparse",
-)
-
-
 def _per_rank_reference(path: str, *overrides: str):
     """One process, one epoch: at step t, each rank's t-th mini-batch with that rank's own
     negatives (its step seed), their losses weighted by their windows; the host's optimizer
     (row-wise for the item table)."""
-    cfg = load_config(
-        "configs/tiny.yaml",
-        [f"data.path={path}", "model.dropout=0.0", "train.seed=3", *overrides],
-    )
-    torch.manual_seed(0)  # rank 0's initialisation
-    model = build_model(cfg.model, open_prepared(path).num_items)
-    views = [JointStepper(model, cfg, RankView(r, 2), host=TorchHost()) for r in range(2)]
+    cfg, model, views = _two_rank_views(path, *overrides)
     opt, gen = views[0].opt, torch.Generator()
     steps = 0
     for pair in zip_longest(*(v.epoch_batches(0) for v in views)):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, tiny_tp_args, torchrun, torchrun_cmd
+from helpers import ENV, REPO, ROW_WISE, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.tp.sampler import TaskSampler
 from dist_tp.algorithms.tp.trainer import TPStepper
@@ -72,15 +72,6 @@ def test_each_rank_loads_only_its_own_part(prepared):
             np.testing.assert_array_equal(part.n_windows, expected.n_windows)
             held += len(part.seqs.items)
         assert held == len(whole.seqs.items)
-
-
-ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise item updates
-    "train.loss=sampled_softmax",
-    "train.negatives=popularity",
-    "train.num_negatives=8",
-    "train.shared_negatives=true",
-    "train.item_updates=sparse",
-)
 
 
 @pytest.mark.parametrize("extra", [(), ROW_WISE], ids=["dense", "row-wise"])
