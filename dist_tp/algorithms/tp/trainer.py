@@ -243,11 +243,12 @@ class TPStepper:
             self._partial = (losses, dlosses, logits, labels, seconds)
             if on_step is not None:
                 on_step(step, {"loss": stats.pred_loss, "disc_loss": stats.disc_loss})
-            rate = (step + 1 - start_step) * self.windows_per_step / (seconds - carried["seconds"])
+            done = (step + 1 - start_step) * self.windows_per_step * self.comm.world_size
+            rate = done / (seconds - carried["seconds"])  # all ranks' windows, as joint's
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
         self._partial = None
         seconds = carried["seconds"] + time.perf_counter() - started
-        windows = len(losses) * self.windows_per_step
+        windows = len(losses) * self.windows_per_step * self.comm.world_size  # all ranks
         record = {
             "loss": float(np.mean(losses)),
             "windows": windows,
