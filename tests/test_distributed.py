@@ -124,6 +124,13 @@ def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_
     assert f"run folder: {out}" in res.stdout and "| existing | all | 754 |" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["existing"]["all"]["users"] == 754 and metrics["new"]["all"]["users"] == 189
+    # the epoch's windows are both ranks': an epoch holds about a joint epoch's windows
+    (record,) = json.loads((out / "history.json").read_text())
+    _, lengths = open_prepared(path).lengths(["existing"])
+    windows = int(np.maximum(lengths - 3, 0).sum())
+    tp = load_config("configs/tiny.yaml", ["tp.lanes=2"]).tp
+    per_step = 2 * tp.lanes * tp.k * tp.users_per_step * tp.inner_batch  # both ranks'
+    assert windows <= record["windows"] < windows + per_step
     # rank 0 alone tracks: one MLflow run, tagged with the world size
     from mlflow.tracking import MlflowClient
 
