@@ -7,7 +7,7 @@ Each log comes from ``dist-tp synth`` (``--events`` events, ``--users`` users, t
 items; ``--events-per-item`` raises the events of the larger catalogues so that most items
 occur) and is prepared out of core with ``--min-item-count 1``, so the catalogue keeps every
 item that occurs. Joint training (the product's stepper: 256-window mini-batches, Adam, and
-``train.item_updates=auto``: row-wise from 100K items) and TP (the configs' defaults but
+``train.item_updates=auto``: row-wise from 50K items) and TP (the configs' defaults but
 ``tp.lanes``) run the real steps with ``train.loss=sampled_softmax``,
 ``train.negatives=popularity`` and 128 negatives, per window and shared by the batch
 (``train.shared_negatives``). Every case of every catalogue is timed in one rotation of

@@ -98,7 +98,7 @@ class TrainConfig:
     step), ``sparse`` (sparse gradients and a lazy row-wise Adam over the rows the step
     touched; their moments alone decay: TorchRec's row-wise optimizers) or ``auto``: sparse
     when the loss is sampled (``bce``, ``sampled_softmax``) and the catalogue has at least
-    100,000 items, dense otherwise. ``sparse`` needs a sampled loss and ``engine: plain``."""
+    50,000 items, dense otherwise. ``sparse`` needs a sampled loss and ``engine: plain``."""
     epochs: int = 20
     batch_size: int = 256
     """Windows (next-item examples) per joint mini-batch, about: rows of a pool of users are

@@ -20,7 +20,7 @@ BEST = "checkpoint.pt"  # a run folder's best model (written by the run's checkp
 
 CE_WARN_ITEMS = 200_000
 """Above this many items, ``train.loss=ce`` warns with the memory its logits take."""
-SPARSE_ITEMS_FROM = 100_000
+SPARSE_ITEMS_FROM = 50_000
 """``train.item_updates=auto`` updates the item tables row-wise from this many items on."""
 
 
