@@ -62,8 +62,7 @@ def joint_steps(cfg, device: torch.device):
         for mb in stepper.epoch_batches(epoch):
             inputs, targets = torch.as_tensor(mb.inputs), torch.as_tensor(mb.targets)
             weights = None if mb.weights is None else torch.as_tensor(mb.weights)
-            bf16 = cfg.train.precision == "bf16"
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with stepper._autocast():  # the stepper's own bf16 choice
                 loss = stepper.opt(
                     inputs.to(device),
                     targets.to(device),

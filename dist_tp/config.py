@@ -89,8 +89,9 @@ class TrainConfig:
     positives of the mini-batch, logQ-corrected: ``sampled_softmax`` only)."""
     shared_negatives: bool = False
     """``sampled_softmax`` with ``uniform`` or ``popularity`` negatives: one draw of
-    ``num_negatives`` items for the whole mini-batch (TP: for each lane's inner step), scored by
-    one matrix product, instead of ``num_negatives`` per window. A negative equal to a
+    ``num_negatives`` items for the whole mini-batch, scored by one matrix product (TP: one
+    draw for each lane's inner step, given to each of its windows), instead of
+    ``num_negatives`` per window. A negative equal to a
     window's positive is left out of that window's softmax. Far fewer item rows touched per
     step: what keeps a million-item catalogue as fast as a small one."""
     item_updates: str = "auto"
