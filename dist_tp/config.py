@@ -311,10 +311,28 @@ class EvalConfig:
     the sample's size and seed under ``sample``."""
     sample_seed: int = 0
     """Which users the ``max_users`` sample holds."""
+    adapt_steps: int = 0
+    """Test-time adaptation: before a user is scored, this many plain SGD steps on the
+    user's own windows available at that point (a new user's prefix; an existing user's
+    training windows, and for the test also the validation one), from the trained
+    parameters, one copy per user (vectorised over users). 0: no adaptation."""
+    adapt_lr: float = 0.1
+    """The adaptation steps' SGD learning rate (tune it on validation, never on test)."""
+    adapt_params: str = "all"
+    """What adaptation changes: ``all`` (every parameter, the item rows the user's windows
+    touch included) or ``last`` (the encoder's last block and the norms, plus the item rows
+    of the user's own items)."""
+    adapt_windows: int = 32
+    """The most recent windows of the user each adaptation step trains on."""
 
     def __post_init__(self) -> None:
         if not self.ks:
             raise ConfigError("eval.ks must list at least one N")
+        _check_at_least("eval", 0, adapt_steps=self.adapt_steps)
+        _check_at_least("eval", 1, adapt_windows=self.adapt_windows)
+        _check_at_least("eval", 0, strict=True, adapt_lr=self.adapt_lr)
+        if self.adapt_params not in ("all", "last"):
+            raise ConfigError(f"eval.adapt_params must be all or last, got {self.adapt_params!r}")
         _check_at_least("eval", 1, batch_size=self.batch_size, item_chunk=self.item_chunk)
         _check_at_least("eval", 0, max_users=self.max_users)
         _check_at_least("eval", 1, **{f"ks[{i}]": k for i, k in enumerate(self.ks)})
