@@ -129,9 +129,13 @@ class TrainConfig:
     ``cuda:N``."""
     balance: str = "window"
     """Joint training's loss weighting: ``window`` (each window counts once: the paper's
-    backbones) or ``user`` (each user's windows share one unit of weight, the mean over users
-    of each user's mean loss, as TP's uniform choice of users weighs them; weights are
-    normalised within each pool of streamed users)."""
+    backbones), ``user`` (each user's windows share one unit of weight, the mean over users
+    of each user's mean loss, as TP's uniform choice of users weighs them) or ``power``
+    (user u's windows together weigh in proportion to n_u^γ, γ = ``balance_power``: 0 is
+    ``user``, 1 is ``window``; TP's ``tp.user_sampling=power`` with the same γ). Weights are
+    normalised within each pool of streamed users to average 1 per window."""
+    balance_power: float = 0.5
+    """γ of ``balance: power``."""
     precision: str = "fp32"
     """``fp32``, or ``bf16``: joint training's forward and loss under bfloat16 autocast
     (parameters, gradients and Adam stay float32; evaluation always ranks in float32, since
@@ -210,11 +214,12 @@ class TrainConfig:
             checkpoint_every=self.checkpoint_every,
             epoch_steps=self.epoch_steps,
         )
-        if self.balance not in ("window", "user"):
-            raise ConfigError(f"train.balance must be window or user, got {self.balance!r}")
-        if self.balance == "user" and self.method != "joint":
+        if self.balance not in ("window", "user", "power"):
+            raise ConfigError(f"train.balance must be window, user or power, got {self.balance!r}")
+        if self.balance != "window" and self.method != "joint":
             raise ConfigError(
-                "train.balance=user is for joint training; TP already draws users uniformly"
+                f"train.balance={self.balance} is for joint training; TP weighs users by "
+                "tp.user_sampling"
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
@@ -243,19 +248,38 @@ class TPConfig:
     """Inner SGD steps per outer step (k = 1 degenerates to joint training)."""
     inner_lr: float = 0.1
     """α, the inner SGD learning rate."""
-    outer_lr: float = 1e-3
-    """β, the outer learning rate (Adam by default)."""
+    outer_lr: float | None = None
+    """β, the outer learning rate (Adam by default), which is always ``train.lr``: TP's
+    outer optimizer takes the Adam steps joint training's takes, at the same rate. Left
+    empty it follows ``train.lr``; given, it must equal ``train.lr`` (an error otherwise)."""
     outer_optimizer: str = "adam"
     """``adam`` (the paper's experiments) or ``sgd`` (Θ ← Θ − β g)."""
     inner_batch: int = 32
-    """K, windows per user per inner step (sampled with replacement when the user has fewer)."""
+    """K, windows per user per inner step (sampled with replacement when the user has fewer,
+    unless ``distinct_windows``)."""
+    distinct_windows: bool = False
+    """false (the paper): a user with fewer than K windows has K drawn with replacement, so
+    its few windows repeat. true: min(K, n_u) distinct windows, the step's loss their mean
+    (each user of a step weighs the same), so an epoch sees as many distinct windows as
+    joint training's."""
+    same_user: bool = False
+    """false (the paper): every inner step draws new users. true: a lane keeps its users
+    for all k inner steps (first-order MAML / Reptile on user tasks), each step on a fresh
+    draw of that user's windows: the curvature (alignment) part of Θ − θ_k is then within one
+    user's data, which is what makes the parameters adapt quickly to a user."""
+    normalize: bool = False
+    """Divide the pseudo-gradient Θ − θ_k by α before the outer optimizer, so it is on the
+    scale of a gradient (the sum of the k inner gradients) whatever α is: Adam's ε and
+    ``train.grad_clip``-like thresholds then mean what they mean for joint training."""
     users_per_step: int = 1
     """Users per inner step (each contributes ``inner_batch`` windows); 1 = the paper."""
     user_sampling: str = "uniform"
     """How an inner step picks its user: ``uniform`` (the paper: every user equally often,
-    so tail users weigh as much as head users) or ``windows`` (in proportion to the user's
-    training windows, the weight joint training gives them). ``windows`` keeps TP's
-    inner/outer updates and drops its re-weighting of users: an ablation."""
+    so tail users weigh as much as head users), ``windows`` (in proportion to the user's
+    training windows, the weight joint training gives them) or ``power`` (in proportion to
+    n_u^γ, γ = ``user_power``: partial re-weighting between the two)."""
+    user_power: float = 0.5
+    """γ of ``user_sampling: power`` (0 = uniform, 1 = windows)."""
     lanes: int = 16
     """M independent inner loops from the same Θ, their pseudo-gradients averaged."""
     lambda_adv: float = 0.1
@@ -282,17 +306,25 @@ class TPConfig:
             )
         if self.lambda_adv < 0:
             raise ConfigError("tp.lambda_adv must be >= 0")
-        _check_at_least("tp", 0, strict=True, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
+        _check_at_least("tp", 0, strict=True, inner_lr=self.inner_lr)
+        if self.outer_lr is not None:
+            _check_at_least("tp", 0, strict=True, outer_lr=self.outer_lr)
         _check_at_least(
             "tp", 0, check_replicas_every=self.check_replicas_every, pool_users=self.pool_users
         )
         _check_at_least("tp", 1, **{f"disc_hidden[{i}]": h for i, h in enumerate(self.disc_hidden)})
         if self.compress not in ("none", "bf16", "fp16"):
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
-        if self.user_sampling not in ("uniform", "windows"):
+        if self.user_sampling not in ("uniform", "windows", "power"):
             raise ConfigError(
-                f"tp.user_sampling must be 'uniform' or 'windows', got {self.user_sampling!r}"
+                "tp.user_sampling must be 'uniform', 'windows' or 'power', got "
+                f"{self.user_sampling!r}"
             )
+
+    @property
+    def power(self) -> float:
+        """γ of the users' draw: probability in proportion to n_u^γ."""
+        return {"uniform": 0.0, "windows": 1.0}.get(self.user_sampling, self.user_power)
 
 
 @dataclass
@@ -370,6 +402,14 @@ class Config:
     tp: TPConfig = field(default_factory=TPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+
+    def __post_init__(self) -> None:
+        outer = self.tp.outer_lr
+        if outer is not None and outer != self.train.lr:
+            raise ConfigError(
+                f"tp.outer_lr ({outer:g}) differs from train.lr ({self.train.lr:g}): TP's outer "
+                "learning rate is train.lr (set train.lr, and leave tp.outer_lr out)"
+            )
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -212,7 +212,8 @@ def test_vectorised_bucket_split_equals_the_python_one(lanes):
 
 
 def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
-    cfg = tp_config(lanes=1, outer_optimizer="sgd", outer_lr=1.0)
+    cfg = tp_config(lanes=1, outer_optimizer="sgd")
+    cfg.train.lr = 1.0  # TP's outer lr is train.lr
     model, _ = tp_setup(cfg)
     stepper = TPStepper(model, cfg, sampler=tp_sampler())
     before_model = copy.deepcopy(model)
@@ -286,10 +287,10 @@ def test_users_are_picked_uniformly_or_in_proportion_to_their_windows():
     assert np.abs(by_windows - uniform).max() > 0.04  # the two laws are told apart
     draws = 40_000  # σ of a frequency <= .0025
     assert np.abs(_user_frequencies(sampler, draws) - uniform).max() < 0.012
-    assert np.abs(_user_frequencies(sampler, draws, by_windows=True) - by_windows).max() < 0.012
+    assert np.abs(_user_frequencies(sampler, draws, user_power=1.0) - by_windows).max() < 0.012
     # a lane pinned to a pool draws from the pool alone, in proportion within it
     pool = np.array([1, 4, 7])
-    freq = _user_frequencies(sampler, draws, by_windows=True, lane_users=[pool])
+    freq = _user_frequencies(sampler, draws, user_power=1.0, lane_users=[pool])
     assert freq[np.setdiff1d(np.arange(len(n)), pool)].sum() == 0
     assert np.abs(freq[pool] - n[pool] / n[pool].sum()).max() < 0.012
 
@@ -300,14 +301,14 @@ def test_the_trainer_picks_users_as_configured(monkeypatch):
     monkeypatch.setattr(
         TaskSampler,
         "sample",
-        lambda self, *a, **kw: seen.append(kw["by_windows"]) or sample(self, *a, **kw),
+        lambda self, *a, **kw: seen.append(kw["user_power"]) or sample(self, *a, **kw),
     )
-    for choice in ("uniform", "windows"):
-        cfg = tp_config(lanes=2, user_sampling=choice)
+    for choice in ("uniform", "windows", "power"):
+        cfg = tp_config(lanes=2, user_sampling=choice, user_power=0.3)
         model, _ = tp_setup(cfg)
         TPStepper(model, cfg, sampler=tp_sampler()).outer_step(0, 0)
-    assert seen == [False, True]
-    with pytest.raises(ConfigError, match="tp.user_sampling must be 'uniform' or 'windows'"):
+    assert seen == [0.0, 1.0, 0.3]
+    with pytest.raises(ConfigError, match="tp.user_sampling must be 'uniform', 'windows' or"):
         tp_config(user_sampling="head")
 
 

@@ -123,9 +123,9 @@ def test_user_balanced_rows_give_the_mean_of_per_user_losses(all_positions):
 
 
 def test_user_balance_is_for_joint_training():
-    with pytest.raises(ConfigError, match="TP already draws users uniformly"):
+    with pytest.raises(ConfigError, match="TP weighs users by tp.user_sampling"):
         load_config(TINY, ["train.method=tp", "train.balance=user"])
-    with pytest.raises(ConfigError, match="train.balance must be window or user"):
+    with pytest.raises(ConfigError, match="train.balance must be window, user or power"):
         load_config(TINY, ["train.balance=items"])
 
 

@@ -219,6 +219,7 @@ class JointStepper:
                 max_len=cfg.model.max_len,
                 all_positions=self.model.supports_all_positions,
                 balance=cfg.train.balance,
+                power=cfg.train.balance_power,
             )
             rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
             for done, mb in enumerate(batches(rows, cfg.train.batch_size, rng), start=1):
@@ -270,7 +271,7 @@ class JointStepper:
                 mb = (
                     mb
                     if mb is not None
-                    else _idle_rows(cfg.model.max_len, cfg.train.balance == "user")
+                    else _idle_rows(cfg.model.max_len, cfg.train.balance != "window")
                 )
             elif mb is None:
                 break

@@ -61,22 +61,30 @@ def training_rows(
     all_positions: bool,
     holdout: int = 2,
     balance: str = "window",
+    power: float = 0.0,
 ) -> Rows:
     """All training rows of ``seqs`` (existing users; the last ``holdout`` items held out).
 
     ``balance="user"`` adds weights: user u's n_u windows each weigh W / (U · n_u) (W windows
     and U users in ``seqs``), so every user carries the same total weight and the weights
-    average 1: the mean weighted loss is the mean over users of each user's mean loss."""
+    average 1: the mean weighted loss is the mean over users of each user's mean loss.
+    ``balance="power"``: user u's windows together weigh in proportion to n_u^``power``
+    (each W · n_u^(γ−1) / Σ n_v^γ): 0 is ``user``, 1 is ``window``."""
     rows, owner = _training_rows(
         seqs, max_len=max_len, all_positions=all_positions, holdout=holdout
     )
     if balance == "window":
         return rows
-    if balance != "user":
-        raise ValueError(f"balance must be 'window' or 'user', got {balance!r}")
+    if balance not in ("user", "power"):
+        raise ValueError(f"balance must be 'window', 'user' or 'power', got {balance!r}")
     n_windows = np.bincount(owner, weights=rows.windows, minlength=len(seqs))  # [U]
-    users = int((n_windows > 0).sum())
-    per_user = n_windows.sum() / (max(users, 1) * np.maximum(n_windows, 1))  # [U]
+    if balance == "user":
+        users = int((n_windows > 0).sum())
+        per_user = n_windows.sum() / (max(users, 1) * np.maximum(n_windows, 1))  # [U]
+    else:
+        n = np.maximum(n_windows, 1)
+        mass = np.where(n_windows > 0, n**power, 0.0)  # [U] each user's share, unnormalised
+        per_user = n_windows.sum() * mass / (max(mass.sum(), 1e-300) * n)
     weights = np.where(rows.targets > 0, per_user[owner][:, None], 0.0).astype(np.float32)
     return Rows(rows.inputs, rows.targets, weights)
 

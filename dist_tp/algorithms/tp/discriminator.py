@@ -33,9 +33,13 @@ class Discriminator(nn.Module):
         return self.net(emb).squeeze(-1)  # [B] logits
 
 
-def disc_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """BCE_d = −[R log f_d + (1 − R) log(1 − f_d)], mean over the batch."""
-    return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+def disc_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """BCE_d = −[R log f_d + (1 − R) log(1 − f_d)], mean over the batch (weighted by
+    ``weights`` when given)."""
+    if weights is None:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    each = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (each * weights).sum() / weights.sum()
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -166,11 +166,14 @@ class InnerLoop:
         bucketing: bool = True,
         sampling: str = "uniform",
         row_tables: bool = False,
+        normalize: bool = False,
     ) -> None:
         """``row_tables``: the item tables' pseudo-gradients come back sparse (the lanes'
-        touched rows), for a row-wise outer step (``train.item_updates=sparse``)."""
+        touched rows), for a row-wise outer step (``train.item_updates=sparse``).
+        ``normalize``: the pseudo-gradients are (Θ − θ_k) / α (``tp.normalize``)."""
         self.model, self.disc = model, disc
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
+        self.scale = 1.0 / inner_lr if normalize else 1.0
         self.sampling = sampling
         self.row_names = model.item_row_names()  # the parameters a lane keeps rows of
         self.sparse = loss != "ce"
@@ -182,13 +185,20 @@ class InnerLoop:
         self.bucket_cost = BUCKET_COSTS.get(type(encoder).__name__, DEFAULT_BUCKET_COST)
         self.has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
         lane_grad = grad(self._lane_loss, argnums=(0, 1), has_aux=True)
-        self._step: Callable = vmap(lane_grad, randomness="different")
+        self._weighted: Callable = vmap(lane_grad, randomness="different")
+        unweighted = (0,) * 9 + (None,)  # the weights argument is None: the plain mean
+        self._unweighted: Callable = vmap(lane_grad, in_dims=unweighted, randomness="different")
+
+    def _step(self, *args):
+        """One vmapped inner step of a bucket's lanes: (grads, dgrads), aux."""
+        return (self._unweighted if args[-1] is None else self._weighted)(*args)
 
     def _lane_loss(
-        self, params, dparams, rows, slot_row, slot_pos, targets, negatives, labels, log_q
+        self, params, dparams, rows, slot_row, slot_pos, targets, negatives, labels, log_q, weights
     ):
         """One lane's objective on one mini-batch: prediction loss + BCE_d through the GRL.
-        ``log_q``: the popularity of the lane's rows (logQ-corrected losses), else unused."""
+        ``log_q``: the popularity of the lane's rows (logQ-corrected losses), else unused.
+        ``weights`` (None: the plain mean): each window's weight in both losses' means."""
         if self.all_positions:
             out = functional_call(self.model, params, (rows,), {"all_positions": True})  # [R, L, D]
             emb = out[slot_row, slot_pos]  # [B, D]
@@ -196,6 +206,8 @@ class InnerLoop:
             emb = functional_call(self.model, params, (rows,))[slot_row]  # [B, D]
         # the model's own loss, on this lane's parameters (its rows, with local item ids)
         kwargs = {"task": "loss", "kind": self.loss, "negatives": negatives}
+        if weights is not None:
+            kwargs["reduction"] = "none"
         if self.loss == "sampled_softmax":
             kwargs["sampling"] = self.sampling
             if self.sampling == "in_batch":
@@ -203,11 +215,13 @@ class InnerLoop:
             if self.sampling != "uniform":
                 kwargs["log_q"] = log_q
         pred = functional_call(self.model, params, (emb, targets), kwargs)
+        if weights is not None:
+            pred = (pred * weights).sum() / weights.sum()
         if self.disc is None:
             zero = pred.detach() * 0
             return pred, (pred.detach(), zero, zero.expand(labels.shape))
         logits = functional_call(self.disc, dparams, (grad_reverse(emb, self.lam),))  # [B]
-        adv = disc_loss(logits, labels)
+        adv = disc_loss(logits, labels, weights)
         return pred + adv, (pred.detach(), adv.detach(), logits.detach())
 
     def _kernels(self) -> contextlib.AbstractContextManager:
@@ -303,6 +317,7 @@ class InnerLoop:
         log_q = self._lane_log_q(touched, lanes)  # [M, T] or [M, N+1]
         slot_row = self._tensor(batch.slot_row)  # [M, k, B]
         slot_pos = self._tensor(batch.slot_pos)  # [M, k, B]
+        weights = None if batch.weights is None else self._tensor(batch.weights)  # [M, k, B]
 
         def per_lane(name: str, p: Tensor) -> Tensor:
             if touched is not None and name in self.row_names:
@@ -333,6 +348,7 @@ class InnerLoop:
                         _take(negatives[:, s], idx),
                         _take(labels[:, s], idx),
                         _take(log_q, idx),
+                        None if weights is None else _take(weights[:, s], idx),
                     )
                     calls.append((idx, sub, dsub, out))
                 if len(calls) == 1:  # every lane in one call, in order
@@ -350,6 +366,8 @@ class InnerLoop:
         grads = {}
         for n, p in params.items():
             delta = start[n] - lane[n]  # [M, ...] Θ − θ_k per lane
+            if self.scale != 1.0:
+                delta = delta * self.scale
             if touched is not None and n in self.row_tables:
                 rows = row_gradient(touched.reshape(-1), delta.flatten(0, 1), p.shape)
                 grads[n] = rows / lanes  # sparse: the touched rows alone
@@ -358,7 +376,7 @@ class InnerLoop:
                 grads[n] = dense / lanes
             else:
                 grads[n] = delta.mean(0)
-        dgrads = {n: (dstart[n] - dlane[n]).mean(0) for n in dparams}
+        dgrads = {n: (dstart[n] - dlane[n]).mean(0) * self.scale for n in dparams}
         stats = InnerStats(
             pred_loss=float(torch.stack(preds).mean()),
             disc_loss=float(torch.stack(advs).mean()),

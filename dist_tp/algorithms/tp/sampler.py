@@ -1,6 +1,8 @@
 """Sampling inner-step mini-batches: each step picks users at random (uniformly, the paper's
-choice, or in proportion to their training windows) and K of the user's (window → next item)
-examples — without replacement, or with replacement when the user has fewer than K."""
+choice, in proportion to their training windows, or to a power of it) and K of the user's
+(window → next item) examples — without replacement, or, when the user has fewer than K, with
+replacement (the paper) or each of them once (``distinct``, weighted). With ``same_user`` a
+lane keeps its users for all k steps."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class LaneBatch:
     negatives: np.ndarray | None  # [M, k, B, n] sampled negatives (bce loss) or None
     labels: np.ndarray  # [M, k, B] float32, 1 = head user
     users: np.ndarray  # [M, k, users_per_step] user row in the sampler
+    weights: np.ndarray | None = None  # [M, k, B] float32 window weights (None: all 1)
 
     def lane(self, m: int) -> LaneBatch:
         """Lane ``m`` alone, as a batch of one lane (for tests and sequential runs)."""
@@ -101,13 +104,20 @@ class TaskSampler:
         num_items: int = 0,
         all_positions: bool = False,
         lane_users: list[np.ndarray] | None = None,
-        by_windows: bool = False,
+        user_power: float = 0.0,
         negative_cdf: np.ndarray | None = None,
         shared_negatives: bool = False,
+        same_user: bool = False,
+        distinct: bool = False,
     ) -> LaneBatch:
         """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
         users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes.
-        Users are picked uniformly, or with ``by_windows`` in proportion to their windows.
+        Users are picked with probability in proportion to n_u^``user_power`` (0: uniformly,
+        1: in proportion to their windows); with ``same_user`` once per lane, for all k
+        steps. A user's K windows of a step are drawn without replacement; one with fewer
+        than K gives K with replacement, or with ``distinct`` each of its n_u windows once at
+        weight K / n_u, the rest of its K slots repeating them at weight 0, so each user of a
+        step weighs the same (``LaneBatch.weights``; None without ``distinct``).
         Negatives are uniform over the items but the positive, or with ``negative_cdf``
         (cumulative popularity of items 1..N) drawn in proportion to popularity. With
         ``shared_negatives`` each lane's inner step draws one set for all its windows (uniform
@@ -119,14 +129,23 @@ class TaskSampler:
         picks = np.empty((lanes * per_lane, inner_batch), dtype=np.int64)
         draws = np.zeros((lanes * per_lane, inner_batch, num_negatives), dtype=np.int64)
         shared = np.zeros((lanes, k, num_negatives), dtype=np.int64) if shared_negatives else None
+        weights = np.ones((lanes * per_lane, inner_batch), dtype=np.float32) if distinct else None
         for m, rng in enumerate(rngs):
             pool = None if lane_users is None else lane_users[m]
-            chosen = self._pick_users(rng, per_lane, pool, by_windows)
+            if same_user:  # the lane's users, the same at each of its k steps
+                chosen = np.tile(self._pick_users(rng, users_per_step, pool, user_power), k)
+            else:
+                chosen = self._pick_users(rng, per_lane, pool, user_power)
             lo = m * per_lane
             users[lo : lo + per_lane] = chosen
             for j, u in enumerate(chosen):
                 n = int(self.n_windows[u])
-                picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
+                if distinct and n < inner_batch:  # each window once; the rest weigh 0
+                    picks[lo + j] = np.resize(rng.permutation(n), inner_batch)
+                    weights[lo + j, :n] = inner_batch / n  # the user's weights sum to K
+                    weights[lo + j, n:] = 0.0
+                else:
+                    picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
             if shared is not None and negative_cdf is not None:
                 u = rng.random((k, num_negatives)) * negative_cdf[-1]
                 shared[m] = np.searchsorted(negative_cdf, u, side="right") + 1
@@ -172,21 +191,35 @@ class TaskSampler:
             negatives=negatives,
             labels=labels.reshape(shape),
             users=users.reshape(lanes, k, users_per_step),
+            weights=None if weights is None else weights.reshape(shape),
         )
 
     def _pick_users(
-        self, rng: np.random.Generator, count: int, pool: np.ndarray | None, by_windows: bool
+        self, rng: np.random.Generator, count: int, pool: np.ndarray | None, power: float
     ) -> np.ndarray:
-        """``count`` users (rows) of ``pool`` (default: every user), drawn with replacement:
-        uniformly, or with probability n_u / sum(n) for ``by_windows``."""
-        if not by_windows:
+        """``count`` users (rows) of ``pool`` (default: every user), drawn with replacement
+        with probability n_u^power / sum(n^power): uniformly for 0, by windows for 1."""
+        if power == 0:
             picked = rng.integers(0, len(self) if pool is None else len(pool), count)
             return picked if pool is None else pool[picked]
-        cum = self.cum_windows if pool is None else np.cumsum(self.n_windows[pool])
+        cum = self._cumulative(power) if pool is None else np.cumsum(self._mass(power)[pool])
         # user i owns [cum[i-1], cum[i]) of [0, total): its share is n_i / total
         picked = np.searchsorted(cum, rng.random(count) * cum[-1], side="right")
         picked = np.minimum(picked, len(cum) - 1)  # r · total can round up to total
         return picked if pool is None else pool[picked]
+
+    def _mass(self, power: float) -> np.ndarray:
+        """Each user's unnormalised probability n_u^power."""
+        return self.n_windows.astype(np.float64) ** power
+
+    def _cumulative(self, power: float) -> np.ndarray:
+        """Cumulative n_u^power over all users (cached per power)."""
+        if power == 1:
+            return self.cum_windows
+        cache = self.__dict__.setdefault("_cum_cache", {})
+        if power not in cache:
+            cache[power] = np.cumsum(self._mass(power))
+        return cache[power]
 
     def _windows(self, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
         return windows(self.flat, ends, starts, self.max_len)

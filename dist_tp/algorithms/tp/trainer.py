@@ -88,6 +88,7 @@ class TPStepper:
             lambda_adv=tp.lambda_adv,
             sampling=cfg.train.negatives,
             row_tables=sparse,
+            normalize=tp.normalize,
         )
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
@@ -96,7 +97,7 @@ class TPStepper:
         self.outer = host.pseudo_gradient_optimizer(
             self.modules(),
             OptimizerSpec(
-                lr=tp.outer_lr,
+                lr=cfg.train.lr,  # tp.outer_lr, when given, equals it (Config)
                 kind=tp.outer_optimizer,
                 compress=tp.compress,
                 sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
@@ -205,9 +206,11 @@ class TPStepper:
             num_items=self.model.num_items,
             all_positions=self.model.supports_all_positions,
             lane_users=self.lane_users,
-            by_windows=tp.user_sampling == "windows",
+            user_power=tp.power,
             negative_cdf=self._negative_cdf if self.cfg.train.negatives == "popularity" else None,
             shared_negatives=self.cfg.train.shared_negatives,
+            same_user=tp.same_user,
+            distinct=tp.distinct_windows,
         )
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]

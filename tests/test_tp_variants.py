@@ -1,0 +1,176 @@
+"""TP's variants: distinct windows for short users, one user per lane for all k steps
+(``tp.same_user``), users drawn in proportion to n_u^γ, the pseudo-gradient divided by α
+(``tp.normalize``), TP's outer learning rate tied to ``train.lr``, and joint training's
+``train.balance=power``."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import NUM_ITEMS, tp_config, tp_sampler, tp_setup
+
+from dist_tp.algorithms.tp.lanes import InnerLoop
+from dist_tp.algorithms.tp.trainer import TPStepper
+from dist_tp.config import ConfigError, load_config
+from dist_tp.data.examples import training_rows
+
+
+def _sample(sampler, lanes=1, seed=0, **kwargs):
+    defaults = dict(k=3, users_per_step=1, inner_batch=8, num_negatives=2, num_items=NUM_ITEMS)
+    return sampler.sample(
+        [np.random.default_rng([seed, m]) for m in range(lanes)], **{**defaults, **kwargs}
+    )
+
+
+def test_distinct_windows_give_a_short_user_each_of_its_windows_once():
+    sampler = tp_sampler()
+    short = int(np.argmin(sampler.n_windows))
+    n = int(sampler.n_windows[short])
+    assert n < 8  # the test needs a user with fewer windows than K
+    batch = _sample(sampler, lane_users=[np.array([short])], distinct=True)
+    for s in range(3):
+        w = batch.weights[0, s]
+        real = batch.targets[0, s][w > 0]
+        # the user's n windows (distinct targets, each at weight K / n), the rest at weight 0
+        assert len(real) == n and (w[w > 0] == pytest.approx(8 / n))
+        ends = {tuple(x) for x in batch.windows[0, s][w > 0]}
+        assert len(ends) == n
+        assert w.sum() == pytest.approx(8)
+    # without it: K draws with replacement and no weights (the paper)
+    assert _sample(sampler, lane_users=[np.array([short])]).weights is None
+
+
+def test_distinct_windows_leave_long_users_as_before():
+    sampler = tp_sampler()
+    long = int(np.argmax(sampler.n_windows))
+    assert sampler.n_windows[long] >= 4
+    a = _sample(sampler, lane_users=[np.array([long])], inner_batch=4, distinct=True)
+    b = _sample(sampler, lane_users=[np.array([long])], inner_batch=4)
+    assert np.array_equal(a.windows, b.windows) and (a.weights == 1).all()
+
+
+def test_same_user_keeps_a_lanes_users_for_all_k_steps():
+    sampler = tp_sampler()
+    batch = _sample(sampler, lanes=6, k=4, users_per_step=2, same_user=True)
+    assert (batch.users == batch.users[:, :1]).all()
+    assert len(np.unique(batch.users[:, 0])) > 1  # lanes still differ
+    other = _sample(sampler, lanes=6, k=4, users_per_step=2)
+    assert not (other.users == other.users[:, :1]).all()
+    # the steps draw fresh windows of that user
+    assert not np.array_equal(batch.targets[:, 0], batch.targets[:, 1])
+
+
+def test_users_are_drawn_in_proportion_to_a_power_of_their_windows():
+    sampler = tp_sampler()
+    n = sampler.n_windows.astype(float)
+    draws = 40_000
+    batch = _sample(sampler, k=draws, inner_batch=1, num_negatives=0, user_power=0.5)
+    freq = np.bincount(batch.users.ravel(), minlength=len(n)) / draws
+    law = np.sqrt(n) / np.sqrt(n).sum()
+    assert np.abs(law - n / n.sum()).max() > 0.02 and np.abs(law - 1 / len(n)).max() > 0.01
+    assert np.abs(freq - law).max() < 0.012
+
+
+def _weighted_reference(model, cfg, batch):
+    """θ_k of one lane with plain autograd: each step's loss Σ w·l / Σ w (bce)."""
+    model = copy.deepcopy(model)
+    for s in range(cfg.tp.k):
+        w = torch.from_numpy(batch.weights[0, s])
+        emb = model.encode(torch.from_numpy(batch.windows[0, s]))
+        pos = torch.from_numpy(batch.targets[0, s])
+        neg = torch.from_numpy(batch.negatives[0, s])
+        scores = model.score_items(emb, torch.cat([pos[:, None], neg], 1))
+        each = -F.logsigmoid(scores[:, 0]) - F.logsigmoid(-scores[:, 1:]).sum(1)
+        loss = (each * w).sum() / w.sum()
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p -= cfg.tp.inner_lr * g
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "caser"])
+def test_weighted_inner_steps_match_the_written_out_computation(backbone):
+    cfg = tp_config(backbone, "bce", discriminator=False, users_per_step=2)
+    model, _ = tp_setup(cfg)
+    sampler = tp_sampler()
+    short = np.argsort(sampler.n_windows)[:4]  # users with fewer windows than K = 5
+    batch = sampler.sample(
+        [np.random.default_rng(4)],
+        k=cfg.tp.k,
+        users_per_step=2,
+        inner_batch=cfg.tp.inner_batch,
+        num_negatives=cfg.train.num_negatives,
+        num_items=NUM_ITEMS,
+        all_positions=backbone != "caser",
+        lane_users=[short],
+        distinct=True,
+    )
+    assert (batch.weights == 0).any()
+    inner = InnerLoop(model, None, loss="bce", inner_lr=cfg.tp.inner_lr, lambda_adv=0.0)
+    grads, _, _ = inner.pseudo_gradients(batch)
+    ref = _weighted_reference(model, cfg, batch)
+    plain = copy.deepcopy(batch)
+    plain.weights = np.ones_like(plain.weights)  # what ignoring the weights would give
+    unweighted = _weighted_reference(model, cfg, plain)
+    gap = 0.0
+    for name, p in ref.named_parameters():
+        theta_k = dict(model.named_parameters())[name].detach() - grads[name]
+        torch.testing.assert_close(theta_k, p.detach(), atol=1e-5, rtol=1e-5)
+        gap = max(gap, float((dict(unweighted.named_parameters())[name] - p).abs().max()))
+    assert gap > 1e-3  # the weights matter at this scale
+
+
+def test_normalize_divides_the_pseudo_gradient_by_alpha():
+    cfg = tp_config("sasrec", "bce")
+    model, disc = tp_setup(cfg)
+    batch = _sample(
+        tp_sampler(), lanes=2, k=cfg.tp.k, inner_batch=5, num_negatives=3, all_positions=True
+    )
+    out = []
+    for normalize in (False, True):
+        inner = InnerLoop(
+            model, disc, loss="bce", inner_lr=0.5, lambda_adv=0.7, normalize=normalize
+        )
+        out.append(inner.pseudo_gradients(copy.deepcopy(batch))[:2])
+    for plain, scaled in zip(out[0], out[1]):
+        for name in plain:
+            torch.testing.assert_close(scaled[name], plain[name] / 0.5)
+
+
+def test_tp_outer_lr_is_train_lr():
+    cfg = tp_config("sasrec", "bce", lanes=2)
+    assert cfg.tp.outer_lr is None
+    model, _ = tp_setup(cfg)
+    stepper = TPStepper(model, cfg, sampler=tp_sampler())
+    assert stepper.outer.opt.param_groups[0]["lr"] == cfg.train.lr
+    load_config(None, ["train.method=tp", "train.lr=0.003", "tp.outer_lr=0.003"])
+    with pytest.raises(ConfigError, match=r"tp.outer_lr \(0.001\) differs from train.lr"):
+        load_config(None, ["train.method=tp", "train.lr=0.003", "tp.outer_lr=0.001"])
+
+
+def test_balance_power_spans_user_and_window_weights():
+    seqs = tp_sampler().seqs
+    rows = {
+        b: training_rows(seqs, max_len=6, all_positions=True, balance=b) for b in ("window", "user")
+    }
+
+    def power(g):
+        return training_rows(seqs, max_len=6, all_positions=True, balance="power", power=g)
+
+    np.testing.assert_allclose(power(0.0).weights, rows["user"].weights, rtol=1e-6)
+    real = rows["window"].targets > 0
+    np.testing.assert_allclose(power(1.0).weights[real], 1.0, rtol=1e-6)
+    half = power(0.5).weights
+    assert half[real].mean() == pytest.approx(1.0, rel=1e-5)  # weights average 1
+    # a long user's windows weigh less than a short user's, but more than under "user"
+    first = half[0][half[0] > 0][0]
+    assert np.isfinite(first)
+    with pytest.raises(ConfigError, match="train.balance=power is for joint training"):
+        load_config(None, ["train.method=tp", "train.balance=power"])
