@@ -344,7 +344,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     sequences = _read_sequences(args.input) if args.input else [args.items]
     predictor = Predictor.from_run(args.run)
     results = predictor.recommend_results(
-        sequences, args.n, exclude_history=not args.include_history
+        sequences, args.n, exclude_history=not args.include_history, adapt_steps=args.adapt_steps
     )
     for number, (sequence, result) in enumerate(zip(sequences, results), 1):
         where = f"{args.input}:{number}" if args.input else "the sequence"
@@ -650,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--include-history", action="store_true", help="allow items already in the sequence"
+    )
+    p.add_argument(
+        "--adapt-steps",
+        type=int,
+        help="test-time adaptation: SGD steps on each sequence's own windows before scoring "
+        "(default: the run's eval.adapt_steps)",
     )
     p.add_argument(
         "--json",

@@ -4,6 +4,9 @@ Users are streamed from the prepared folder in batches; each batch is encoded, e
 scored, and hit/gain *sums* are accumulated per (split, role, group). Means are taken once at
 the end, so the result does not depend on the batching (nor, later, on how users are spread
 over processes: sums and counts add up, averages of averages would not).
+
+With ``adapt_steps`` > 0 each user is first adapted on its own windows before its query
+(test-time adaptation, :mod:`dist_tp.evaluation.adapt`), then scored with its own parameters.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import Queries, eval_queries
 from dist_tp.data.protocol import splitmix64
 from dist_tp.data.stream import PreparedData, UserStream, to_sequences
+from dist_tp.evaluation.adapt import (
+    Adaptation,
+    UserWindows,
+    adapt_users,
+    adaptation_windows,
+    users_per_chunk,
+)
 from dist_tp.evaluation.metrics import (
     finalize,
     intervals,
@@ -62,6 +72,58 @@ def _rank(model, q: Queries, *, exclude_history: bool, chunk: int, item_chunk: i
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
+def _queries(q: Queries, mask: np.ndarray) -> Queries:
+    """The queries where ``mask`` is true."""
+    return Queries(q.inputs[mask], q.targets[mask], q.history[mask], q.is_head[mask], q.user[mask])
+
+
+def _rank_adapted(
+    model,
+    q: Queries,
+    win: UserWindows,
+    adaptation: Adaptation,
+    *,
+    exclude_history: bool,
+    chunk: int,
+    item_chunk: int,
+) -> torch.Tensor:
+    """:func:`_rank` after adapting each user with a window on its windows ``win`` (the
+    others unadapted), ``chunk`` users or :func:`users_per_chunk` at a time."""
+    if not np.array_equal(win.user, q.user):
+        raise ValueError("adaptation windows and queries of other users")
+    ranks = torch.zeros(len(q.targets), dtype=torch.long)
+    has = win.counts > 0
+    if (~has).any():
+        ranks[torch.from_numpy(~has)] = _rank(
+            model,
+            _queries(q, ~has),
+            exclude_history=exclude_history,
+            chunk=chunk,
+            item_chunk=item_chunk,
+        )
+    device = module_device(model)
+    index = np.flatnonzero(has)
+    size = max(1, min(chunk, users_per_chunk(model, adaptation, q.inputs.shape[1])))
+    for lo in range(0, len(index), size):
+        idx = index[lo : lo + size]
+        users = adapt_users(model, win.take(idx), adaptation, query_inputs=q.inputs[idx])
+        emb = users.encode(to_device(q.inputs[idx], device))  # [B, D] its own encoder's
+        history = to_device(q.history[idx], device) if exclude_history else None
+        targets = to_device(q.targets[idx], device)  # [B]
+        if model.num_columns <= item_chunk:
+            r = ranks_from_scores(users.score_all(emb), targets, history=history)
+        else:
+            r = ranks_in_chunks(
+                lambda a, b, rows, u=users, e=emb: u.score_range(e, a, b, rows),
+                model.num_columns,
+                targets,
+                history=history,
+                chunk=item_chunk,
+            )
+        ranks[torch.from_numpy(idx)] = r.cpu()
+    return ranks
+
+
 def _add(acc: dict, sums: dict) -> None:
     for k, v in sums.items():
         acc[k] = acc.get(k, 0.0) + float(v)
@@ -82,13 +144,39 @@ def evaluation_sums(
     splits: Sequence[str] = ("validation", "test"),
     rank: int = 0,
     world_size: int = 1,
+    adapt_steps: int = 0,
+    adapt_lr: float = 0.1,
+    adapt_params: str = "all",
+    adapt_windows: int = 32,
+    loss: str = "ce",
+    num_negatives: int = 1,
+    negatives: str = "uniform",
+    adapt_seed: int = 0,
 ) -> dict:
     """{split: {role: {group: {"HR@k": sum, "NDCG@k": sum, "count": n}}}} for this rank's users.
 
     ``max_users`` > 0: a seeded sample of about that many users of each role (each kept with
     probability ``max_users / users of the role``, decided by a hash of the user and
     ``sample_seed``: the same users on any number of ranks), with the sums of squares that
-    :func:`finalize_sums` turns into 95% intervals."""
+    :func:`finalize_sums` turns into 95% intervals.
+
+    ``adapt_steps`` > 0: test-time adaptation (``eval.adapt_*``; :mod:`.adapt`): each user
+    takes that many SGD steps (lr ``adapt_lr``, on ``adapt_params``) on its latest
+    ``adapt_windows`` windows before the query, with the training loss ``loss``
+    (``num_negatives`` and ``negatives`` as ``train.*``; negatives seeded by ``adapt_seed``
+    and the user), in eval mode. A model without parameters (popularity) is not adapted."""
+    adaptation = None
+    if adapt_steps > 0 and hasattr(model, "item_row_names"):
+        adaptation = Adaptation(
+            steps=adapt_steps,
+            lr=adapt_lr,
+            params=adapt_params,
+            windows=adapt_windows,
+            loss=loss,
+            num_negatives=num_negatives,
+            negatives=negatives,
+            seed=adapt_seed,
+        )
     was_training = model.training
     model.eval()
     squares = max_users > 0
@@ -96,6 +184,8 @@ def evaluation_sums(
     if squares:
         zero.update({f"NDCG@{k}^2": 0.0 for k in ks})
     data = PreparedData.of(data)
+    if adaptation is not None and adaptation.needs_popularity and model.log_q is None:
+        model.set_item_popularity(data.training_counts())  # as training sets it
     keep_share = _sample_shares(data, max_users)
     acc: dict = {
         s: {role: {g: dict(zero) for g in GROUPS} for role, _ in SPLITS[s]} for s in splits
@@ -118,14 +208,29 @@ def evaluation_sums(
                     members = seqs.is_new == (role == "new")
                     if not members.any():
                         continue
-                    q = eval_queries(seqs.select(members), max_len=max_len, offset=offset)
-                    ranks = _rank(
-                        model,
-                        q,
-                        exclude_history=exclude_history,
-                        chunk=batch_size,
-                        item_chunk=item_chunk,
-                    )
+                    users = seqs.select(members)
+                    q = eval_queries(users, max_len=max_len, offset=offset)
+                    if adaptation is None:
+                        ranks = _rank(
+                            model,
+                            q,
+                            exclude_history=exclude_history,
+                            chunk=batch_size,
+                            item_chunk=item_chunk,
+                        )
+                    else:
+                        win = adaptation_windows(
+                            users, max_len=max_len, offset=offset, windows=adapt_windows
+                        )
+                        ranks = _rank_adapted(
+                            model,
+                            q,
+                            win,
+                            adaptation,
+                            exclude_history=exclude_history,
+                            chunk=batch_size,
+                            item_chunk=item_chunk,
+                        )
                     head = torch.from_numpy(q.is_head)
                     for group, mask in (("all", None), ("head", head), ("tail", ~head)):
                         r = ranks if mask is None else ranks[mask]

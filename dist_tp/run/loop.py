@@ -27,6 +27,7 @@ from dist_tp.config import Config, ConfigError, to_dict
 from dist_tp.core.device import resolve_device, warn_if_oversubscribed
 from dist_tp.core.files import WriteError, write_json, write_text
 from dist_tp.data.stream import PreparedData
+from dist_tp.evaluation.adapt import Adaptation
 from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.models import Popularity
 from dist_tp.models.saved import build, check_loss_fits
@@ -60,15 +61,25 @@ def eval_kwargs(cfg: Config) -> dict:
         "item_chunk": cfg.eval.item_chunk,
         "max_users": cfg.eval.max_users,
         "sample_seed": cfg.eval.sample_seed,
+        "adapt_steps": cfg.eval.adapt_steps,
+        "adapt_lr": cfg.eval.adapt_lr,
+        "adapt_params": cfg.eval.adapt_params,
+        "adapt_windows": cfg.eval.adapt_windows,
+        "loss": cfg.train.loss,
+        "num_negatives": cfg.train.num_negatives,
+        "negatives": cfg.train.negatives,
     }
 
 
 def test_metrics(model, cfg: Config, data: PreparedData, comm=None) -> dict:
-    """Test metrics of existing and new users, with the validation figures beside them."""
+    """Test metrics of existing and new users, with the validation figures beside them;
+    ``adapt`` says how users were adapted first (``eval.adapt_steps`` > 0)."""
     result = evaluate(model, data, comm=comm, **eval_kwargs(cfg))
     metrics = {**result["test"], "validation": result["validation"]}
     if cfg.eval.max_users:
         metrics["sample"] = {"max_users": cfg.eval.max_users, "seed": cfg.eval.sample_seed}
+    if cfg.eval.adapt_steps and not isinstance(model, Popularity):
+        metrics["adapt"] = Adaptation.from_config(cfg).record()
     return metrics
 
 
@@ -193,7 +204,9 @@ def _validate(
     """Validation figures into ``record``; a better NDCG@10 saves the best checkpoint.
     Returns every group's figures, flattened for the tracker."""
     t0 = time.perf_counter()
-    val = evaluate(stepper.model, data, splits=("validation",), comm=comm, **eval_kwargs(cfg))
+    # model selection: unadapted (eval.adapt_steps applies to the final evaluation only)
+    kwargs = {**eval_kwargs(cfg), "adapt_steps": 0}
+    val = evaluate(stepper.model, data, splits=("validation",), comm=comm, **kwargs)
     ndcg = val["validation"]["existing"]["all"]["NDCG@10"]
     record.update(valid_ndcg10=ndcg, eval_seconds=time.perf_counter() - t0)
     record["valid_hr10"] = val["validation"]["existing"]["all"]["HR@10"]
