@@ -9,12 +9,19 @@ at real positions; those states are exactly the ones of the unpadded sequence. T
 faster on CPU than packed sequences, and the rotation is a single ``gather``.
 
 Assumes padding is only on the left: the real items of a row are one contiguous suffix.
+
+Under ``torch.func.vmap`` (TP's lanes, test-time adaptation) ``nn.GRU`` has no batching rule
+and falls back to one call per lane. With ``unrolled`` set (:func:`unrolled_rnns`) the same
+GRU runs as plain tensor operations instead (:func:`gru_unrolled`: one input product for all
+steps, then one hidden product and a few element-wise kernels per step), which vmap batches
+over lanes: per-lane weights ``[M, 3H, D]`` become batched matrix products.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from dist_tp.config import ModelConfig
 from dist_tp.models.layers import Dropout, share_table
@@ -36,6 +43,32 @@ def _alignment(seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lengths, to_aligned, to_padded
 
 
+def gru_unrolled(gru: nn.GRU, x: Tensor) -> Tensor:
+    """``gru(x)[0]`` (batch first, h_0 = 0) written out step by step with the module's own
+    weights (r, z, n gates as ``nn.GRU`` orders them), inter-layer dropout included:
+    ``x [B, L, D]`` -> ``[B, L, H]``."""
+    for layer in range(gru.num_layers):
+        w_ih = getattr(gru, f"weight_ih_l{layer}")  # [3H, D_in]
+        w_hh = getattr(gru, f"weight_hh_l{layer}")  # [3H, H]
+        b_ih = getattr(gru, f"bias_ih_l{layer}")
+        b_hh = getattr(gru, f"bias_hh_l{layer}")
+        inputs = F.linear(x, w_ih, b_ih)  # [B, L, 3H] every step's input part at once
+        h = x.new_zeros(x.shape[0], gru.hidden_size)
+        states = []
+        for t in range(x.shape[1]):
+            gi, gh = inputs[:, t], F.linear(h, w_hh, b_hh)  # [B, 3H]
+            i_r, i_z, i_n = gi.chunk(3, 1)
+            h_r, h_z, h_n = gh.chunk(3, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            states.append(h)
+        x = torch.stack(states, 1)  # [B, L, H]
+        if layer < gru.num_layers - 1 and gru.dropout > 0:
+            x = F.dropout(x, gru.dropout, gru.training)
+    return x
+
+
 class GRU4Rec(nn.Module):
     """Recurrent encoder; φ is the GRU state after the last real item of the window.
 
@@ -44,6 +77,8 @@ class GRU4Rec(nn.Module):
     """
 
     supports_all_positions = True
+    unrolled = False
+    """Run the GRU as plain tensor operations (:func:`gru_unrolled`), which ``vmap`` batches."""
 
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding) -> None:
         super().__init__()
@@ -65,7 +100,7 @@ class GRU4Rec(nn.Module):
         lengths, to_aligned, to_padded = _alignment(seq)
         aligned = seq.gather(1, to_aligned)  # [B, L] real items first
         x = self.dropout(self.item_emb(aligned))  # [B, L, D]
-        states, _ = self.gru(x)  # [B, L, H]
+        states = gru_unrolled(self.gru, x) if self.unrolled else self.gru(x)[0]  # [B, L, H]
         return states, lengths, to_padded
 
     def forward(self, seq: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -33,3 +35,18 @@ class Dropout(nn.Module):
             return x
         keep = torch.rand_like(x) >= self.p
         return x * keep / (1.0 - self.p)
+
+
+@contextlib.contextmanager
+def unrolled_rnns(model: nn.Module):
+    """Within the block, every module of ``model`` with an ``unrolled`` switch (GRU4Rec) runs
+    its recurrence as plain tensor operations, which ``torch.func.vmap`` batches (``nn.GRU``
+    has no batching rule: one call per lane)."""
+    switched = [m for m in model.modules() if hasattr(type(m), "unrolled")]
+    for m in switched:
+        m.unrolled = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            del m.unrolled  # back to the class's default
