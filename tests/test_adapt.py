@@ -263,10 +263,13 @@ def test_sampled_negatives_are_seeded_by_the_user_not_the_batch():
 
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory):
-    """A tiny SASRec trained one epoch on ML-100K (its run folder, config and model)."""
+    """A tiny SASRec trained one epoch on ML-100K with ``eval.adapt_steps=1`` (adapted
+    final evaluation, on a sample of users): its run folder and saved run."""
     path = prepared("ml-100k")
     folder = tmp_path_factory.mktemp("adapt-run")
-    cfg = load_config(TINY, [f"data.path={path}", "train.epochs=1", "track.enabled=false"])
+    overrides = ["train.epochs=1", "track.enabled=false", "eval.max_users=60"]
+    overrides += ["eval.adapt_steps=1", "eval.adapt_windows=4"]
+    cfg = load_config(TINY, [f"data.path={path}", *overrides])
     run_training(cfg, folder)
     from dist_tp.models.saved import load_run
 
@@ -337,40 +340,46 @@ def test_adaptation_with_a_sampled_loss_in_item_chunks(trained, monkeypatch):
     assert chunked == whole
 
 
-def test_evaluate_command_with_adaptation_records_it(trained, tmp_path, capsys):
-    folder, _ = trained
-    out = tmp_path / "adapted.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(folder),
-                "eval.adapt_steps=1",
-                "eval.adapt_windows=4",
-                "eval.max_users=60",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+def test_a_run_adapts_its_final_evaluation_and_evaluate_can_change_it(trained, tmp_path, capsys):
+    """``dist-tp train ... eval.adapt_steps=1``: metrics.json adapted and saying so, the
+    validation of model selection unadapted; ``dist-tp evaluate RUN eval.adapt_steps=...``
+    recomputes it with other settings."""
+    folder, saved = trained
+    record = {"steps": 1, "lr": 0.1, "params": "all", "windows": 4}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["adapt"] == record
+    kw = dict(max_len=saved.cfg.model.max_len, ks=[10], max_users=60, splits=("validation",))
+    history = json.loads((folder / "history.json").read_text())
+    plain = evaluate(saved.model, saved.data, **kw)["validation"]["existing"]["all"]
+    adapted = evaluate(saved.model, saved.data, adapt_steps=1, adapt_windows=4, **kw)
+    assert history[-1]["valid_ndcg10"] == plain["NDCG@10"]  # selection: unadapted
+    assert metrics["validation"]["existing"]["all"]["NDCG@10"] == pytest.approx(
+        adapted["validation"]["existing"]["all"]["NDCG@10"], abs=1e-12
     )
-    metrics = json.loads(out.read_text())
-    assert metrics["adapt"] == {"steps": 1, "lr": 0.1, "params": "all", "windows": 4}
-    assert "adapt" not in json.loads((folder / "metrics.json").read_text())
+    out = tmp_path / "other.json"
+    assert main(["evaluate", str(folder), "eval.adapt_steps=0", "--out", str(out)]) == 0
+    assert "adapt" not in json.loads(out.read_text())
+    argv = ["evaluate", str(folder), "eval.adapt_steps=2", "eval.adapt_params=last"]
+    assert main([*argv, "eval.adapt_lr=1", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["adapt"] == {**record, "steps": 2, "params": "last", "lr": 1.0}
+    assert again["validation"] != metrics["validation"]
     capsys.readouterr()
 
 
 def test_predictor_adapts_a_sequence_on_its_own_windows(trained):
     folder, saved = trained
     predictor = Predictor.from_run(folder)
-    assert predictor.adaptation.steps == 0  # the run's eval config
+    assert predictor.adaptation.steps == 1  # the run's eval config
     seqs = load_sequences(saved.data, roles=["new"])
     ids = predictor.original
     sequences = [
         [ids[i - 1] for i in seqs.items[seqs.offsets[u] : seqs.offsets[u + 1]]] for u in range(20)
     ]
-    plain = predictor.recommend_many(sequences, n=10)
-    assert predictor.recommend_many(sequences, n=10, adapt_steps=0) == plain
+    plain = predictor.recommend_many(sequences, n=10, adapt_steps=0)
+    assert predictor.recommend_many(sequences, n=10) == predictor.recommend_many(
+        sequences, n=10, adapt_steps=1
+    )
     adapted = predictor.recommend_many(sequences, n=10, adapt_steps=3)
     assert adapted != plain
     # one at a time as in a batch; the same again (no randomness, dropout off)
@@ -378,7 +387,7 @@ def test_predictor_adapts_a_sequence_on_its_own_windows(trained):
     assert predictor.recommend_many(sequences, n=10, adapt_steps=3, batch_size=7) == adapted
     # a single-item sequence has no window: unadapted
     assert predictor.recommend([sequences[0][0]], adapt_steps=3) == predictor.recommend(
-        [sequences[0][0]]
+        [sequences[0][0]], adapt_steps=0
     )
 
 
