@@ -170,6 +170,30 @@ def test_vectorised_adaptation_equals_a_per_user_sgd_loop(backbone, loss, params
     assert moved > 1e-3  # not a no-op
 
 
+def test_the_unrolled_gru_of_a_gpu_adapts_the_same(monkeypatch):
+    """GRU4Rec as a GPU runs it (unrolled into plain tensor operations), here on the CPU:
+    the same adapted parameters as the per-user loop."""
+    from dist_tp.models.gru4rec import GRU4Rec
+
+    monkeypatch.setattr(GRU4Rec, "unrolled", True)
+    model, adaptation = small_model("gru4rec", "bce")
+    adaptation = Adaptation(**{**adaptation.__dict__, "params": "last"})
+    seqs = small_users()
+    win = adaptation_windows(seqs, max_len=MAX_LEN, offset=1, windows=WINDOWS)
+    keep = np.flatnonzero(win.counts > 0)
+    q = eval_queries(seqs, max_len=MAX_LEN, offset=1).inputs[keep]
+    win = win.take(keep)
+    users = adapt_users(model, win, adaptation, query_inputs=q)
+    scores = users.score_all(users.encode(torch.as_tensor(q)))
+    monkeypatch.setattr(GRU4Rec, "unrolled", False)
+    for u in range(len(win)):
+        ref, ref_scores = reference(model, win, u, adaptation, q[u])
+        got = users.parameters(u)
+        for name, value in ref.named_parameters():
+            torch.testing.assert_close(got[name], value.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(scores[u], ref_scores, atol=1e-5, rtol=1e-4)
+
+
 def test_last_changes_only_the_last_block_the_norms_and_the_users_own_rows():
     for backbone, expect in (
         ("sasrec", {"encoder.blocks.1.", "encoder.final_ln.", "encoder.blocks.0.ln_"}),

@@ -49,6 +49,7 @@ from dist_tp.core.device import module_device, to_device
 from dist_tp.data.examples import windows as left_padded
 from dist_tp.data.protocol import splitmix64
 from dist_tp.data.stream import UserSequences
+from dist_tp.models.layers import unrolled_rnns
 from dist_tp.models.scoring import negatives_from_draws
 
 BUDGET_FLOATS = 64 * 2**20
@@ -268,17 +269,21 @@ def users_per_chunk(model: nn.Module, adaptation: Adaptation, max_len: int) -> i
 @contextlib.contextmanager
 def _adapting(model: nn.Module):
     """Eval mode (no dropout), dense item lookups (``set_sparse_items`` gives sparse
-    gradients, which ``torch.func.grad`` does not take), gradients on, and on a GPU the
-    kernels that ``vmap`` batches (as TP's lanes: the math attention, the native GRU)."""
+    gradients, which ``torch.func.grad`` does not take), gradients on, and kernels that
+    ``vmap`` batches: the math attention (the fused ones have no batching rule), and on a GPU
+    the unrolled GRU (:func:`~dist_tp.models.layers.unrolled_rnns`) as in TP's lanes (on a
+    CPU ``nn.GRU`` as it is: the lanes measured the unrolled one slower there)."""
     was_training, was_sparse = model.training, model.sparse_items
     model.eval()
     model.set_sparse_items(False)
     stack = contextlib.ExitStack()
     stack.enter_context(torch.enable_grad())
     stack.enter_context(sdpa_kernel(SDPBackend.MATH))  # the fused CPU one has no vmap rule
-    if module_device(model).type == "cuda":
-        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
-            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+    if module_device(model).type == "cuda" and any(
+        isinstance(m, nn.RNNBase) for m in model.modules()
+    ):  # as TP's lanes: on a GPU the GRU unrolled into batched products, cuDNN off
+        stack.enter_context(unrolled_rnns(model))
+        stack.enter_context(torch.backends.cudnn.flags(enabled=False))
     try:
         with stack:
             yield
