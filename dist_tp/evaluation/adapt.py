@@ -25,7 +25,13 @@ What changes (``params``):
   TP lane does; the result is the same as with the whole table.
 - ``last``: the encoder's last block (:func:`last_parameter_names`) and every norm layer, plus
   the item-table rows (input table, output table and bias) of the user's own items, those of
-  its adaptation windows (inputs and targets); every other parameter and row stays Θ's.
+  its adaptation windows (inputs and targets; the query's window is among them); every other
+  parameter and row, sampled negatives' included, stays Θ's.
+
+Negatives (:func:`adaptation_negatives`): ``train.num_negatives`` per window and step, drawn
+anew each step, uniform or by popularity as ``train.negatives`` says (one set per window even
+under ``train.shared_negatives``); ``in_batch``: the positives of the user's other windows
+(the softmax of a TP lane's mini-batch made of one user's windows), logQ-corrected.
 
 Memory: users are adapted in chunks of :func:`users_per_chunk`, so that about
 ``BUDGET_FLOATS`` floats (256 MB) hold a chunk's per-user item rows (three copies: rows,
