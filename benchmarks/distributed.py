@@ -49,7 +49,7 @@ class TimedComm:  # what the stepper is given: the real communicator, its all-re
 path, steps, lanes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 comm = TimedComm(init_distributed())
-cfg = load_config("configs/ml-100k/sasrec-tp.yaml",
+cfg = load_config("configs/ml-100k/sasrec-tp-paper.yaml",
                   [f"data.path={{path}}", f"tp.lanes={{lanes}}", "train.progress=false"])
 model = build_model(cfg.model, open_prepared(path).num_items)
 stepper = TPStepper(model, cfg, comm=comm)

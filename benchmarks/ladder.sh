@@ -4,8 +4,9 @@
 # under experiment ladder-<data>. Every (rung, seed) is one job; PARALLEL jobs run at a time,
 # so no core idles between rungs. A finished run is skipped, so the script can be rerun.
 #   benchmarks/ladder.sh [DATA [BACKBONE [PARALLEL]]]     (ml-100k sasrec 2)
-# env: EPOCHS (12), PATIENCE (5), SEEDS (3), EXTRA (an --extra-eval spec, e.g. the adapted
-# evaluation 'adapt eval.adapt_steps=1'). Runs go to results/ladder/<data>/<rung>_seed<s>.
+# env: EPOCHS (12), PATIENCE (5), SEEDS (3), ONLY (the rungs to run, e.g. "1 2 7"; all by
+# default), EXTRA (an --extra-eval spec, e.g. the adapted evaluation
+# 's1lr01 eval.adapt_steps=1 eval.adapt_lr=0.1'). Runs go to results/ladder/<data>/<rung>_seed<s>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-ml-100k}
@@ -26,7 +27,9 @@ RUNGS=(
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power"  # 7. rung 4, users drawn ∝ n_u^0.5
 )
 jobs() {
-  for rung in "${RUNGS[@]}"; do
+  for i in "${!RUNGS[@]}"; do
+    rung=${RUNGS[$i]}
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $((i + 1)) "* ]] || continue
     for seed in $(seq 0 $((${SEEDS:-3} - 1))); do
       echo "$rung --seeds $seed-$seed"
     done

@@ -146,6 +146,14 @@ ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise it
     "train.item_updates=sparse",
 )
 
+# the -tp.yaml configs' TP: Reptile on user tasks, users drawn by n_u^0.5
+TP_VARIANT = (
+    "tp.same_user=true",
+    "tp.distinct_windows=true",
+    "tp.normalize=true",
+    "tp.user_sampling=power",
+)
+
 # --- small TP set-ups --------------------------------------------------------------------
 
 NUM_ITEMS = 30

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENV, REPO, ROW_WISE, tiny_tp_args, torchrun, torchrun_cmd
+from helpers import ENV, REPO, ROW_WISE, TP_VARIANT, tiny_tp_args, torchrun, torchrun_cmd
 
 from dist_tp.algorithms.tp.sampler import TaskSampler
 from dist_tp.algorithms.tp.trainer import TPStepper
@@ -74,7 +74,9 @@ def test_each_rank_loads_only_its_own_part(prepared):
         assert held == len(whole.seqs.items)
 
 
-@pytest.mark.parametrize("extra", [(), ROW_WISE], ids=["dense", "row-wise"])
+@pytest.mark.parametrize(
+    "extra", [(), ROW_WISE, TP_VARIANT], ids=["dense", "row-wise", "tp-variant"]
+)
 def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, tmp_path, extra):
     path = prepared("ml-100k")
     out = tmp_path / "dist.pt"
@@ -99,7 +101,7 @@ def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, t
     torch.manual_seed(0)  # rank 0's initialisation
     model = build_model(cfg.model, open_prepared(path).num_items)
     stepper = TPStepper(model, cfg)
-    assert bool(stepper.inner.row_tables) == bool(extra)
+    assert bool(stepper.inner.row_tables) == (extra == ROW_WISE)
     parts = stepper.sampler.partition(2)
     stepper.lane_users = [parts[0], parts[0], parts[1], parts[1]]  # lane l on rank l // 2
     for step in range(3):
@@ -108,7 +110,15 @@ def test_two_ranks_times_two_lanes_equal_one_process_with_four_lanes(prepared, t
     single.update({f"disc.{n}": p.detach() for n, p in stepper.disc.named_parameters()})
     assert single.keys() == dist["params"].keys()
     for name, value in single.items():
-        torch.testing.assert_close(dist["params"][name], value, rtol=1e-5, atol=1e-5)
+        got = dist["params"][name]
+        if name.endswith("qkv.bias"):  # [query; key; value] biases
+            # the key bias's gradient is zero in theory (softmax ignores a shift common to a
+            # query's scores), so it is rounding noise, which Adam scales up to a fraction of
+            # its lr (more so with tp.normalize): there the ranks and one process agree to 1e-4
+            d = len(value) // 3
+            torch.testing.assert_close(got[d : 2 * d], value[d : 2 * d], rtol=0, atol=1e-4)
+            got, value = torch.cat([got[:d], got[2 * d :]]), torch.cat([value[:d], value[2 * d :]])
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_under_torchrun_trains_and_evaluates_like_one_process(prepared, tmp_path):
