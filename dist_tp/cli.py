@@ -625,8 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--column",
         action="append",
-        help="[SPLIT/]ROLE/GROUP/METRIC (new/tail/HR@10, nohist/existing/all/HR@10) or a "
-        "preset: summary, pairs, main, groups (repeatable, or comma-separated)",
+        help="[SPLIT/]ROLE/GROUP/METRIC (new/tail/HR@10, nohist/existing/all/HR@10; the "
+        "validation figures: best_valid/new/all/NDCG@10, an extra evaluation's "
+        "nohist_valid/...) or a preset: summary, pairs, main, groups (repeatable, or "
+        "comma-separated)",
     )
     p.set_defaults(func=cmd_table)
 

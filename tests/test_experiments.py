@@ -16,6 +16,8 @@ from dist_tp.config import ConfigError, load_config, to_dict
 from dist_tp.experiments.folders import load_folders, parse_extra_eval, run_folders
 from dist_tp.experiments.report import make_rows
 from dist_tp.experiments.sweep import SweepRun, _command, execute, parse_seeds, plan
+from dist_tp.experiments.tables import extra_splits, parse_columns
+from dist_tp.tracking import extra_metrics_to_flat
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -189,6 +191,30 @@ def test_seeds_and_extra_evaluations_parse():
         with pytest.raises(Exception, match="--extra-eval"):
             parse_extra_eval(bad)
     assert main(["sweep", str(TINY), "--seeds", "x"]) == 2
+
+
+def test_an_extra_evaluations_validation_is_a_column_only_when_asked():
+    metrics = {
+        "existing": {"all": {"HR@10": 0.2}},
+        "new": {"tail": {"NDCG@10": 0.3}},
+        "validation": {"existing": {"all": {"HR@10": 0.1}}, "new": {"all": {"NDCG@10": 0.05}}},
+    }
+    flat = extra_metrics_to_flat(metrics, "a1")
+    assert flat == {
+        "a1/existing/all/HR_10": 0.2,
+        "a1/new/tail/NDCG_10": 0.3,
+        "a1_valid/existing/all/HR_10": 0.1,
+        "a1_valid/new/all/NDCG_10": 0.05,
+    }
+
+    class Run:
+        pass
+
+    run = Run()
+    run.metrics = flat
+    assert extra_splits([run]) == ["a1"]  # default columns: the test figures
+    (column,) = parse_columns(["a1_valid/new/all/NDCG@10"])
+    assert column.key in flat
 
 
 def test_sweep_skips_finished_resumes_interrupted_and_refuses_other_settings(tmp_path):

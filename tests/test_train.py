@@ -177,7 +177,8 @@ def test_metrics_json_shape(prepared, pop_metrics, tmp_path):
     assert pop_metrics["new"]["all"]["users"] == 189
     head, tail = pop_metrics["new"]["head"]["users"], pop_metrics["new"]["tail"]["users"]
     assert (head, tail) == (38, 151)
-    assert set(pop_metrics["validation"]) == {"existing"}
+    assert set(pop_metrics["validation"]) == {"existing", "new"}
+    assert pop_metrics["validation"]["new"]["all"]["users"] == 189
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,10 @@
-"""Full-ranking evaluation by user group: existing users (validation, test) and new users.
+"""Full-ranking evaluation by user group: existing users and new users (validation, test).
+
+Validation predicts each user's second-to-last item from the items before it, test its last
+item. New users' validation is the one figure that measures what adapting to an unseen user
+gains (an existing user's validation adapts on windows the model was trained on), so
+``eval.adapt_*`` can be tuned without looking at test; model selection during training stays
+on existing users' validation NDCG@10.
 
 Users are streamed from the prepared folder in batches; each batch is encoded, every item is
 scored, and hit/gain *sums* are accumulated per (split, role, group). Means are taken once at
@@ -38,7 +44,7 @@ from dist_tp.evaluation.metrics import (
 GROUPS = ("all", "head", "tail")
 # split → (role, offset of the target from the end of the sequence)
 SPLITS = {
-    "validation": (("existing", 2),),
+    "validation": (("existing", 2), ("new", 2)),
     "test": (("existing", 1), ("new", 1)),
 }
 

@@ -87,13 +87,14 @@ def parse_columns(specs: list[str]) -> list[Column]:
 
 
 def extra_splits(runs: list[RunRecord]) -> list[str]:
-    """The extra evaluations (``nohist``, ...) some of ``runs`` have, sorted."""
+    """The extra evaluations (``nohist``, ...) some of ``runs`` have, sorted (their test
+    figures; ``<tag>_valid``, their validation, is a column only when asked for)."""
     skip = {"test", "best_valid", "valid", "train", "step"}
     found = set()
     for r in runs:
         for key in r.metrics:
             split, _, rest = key.partition("/")
-            if split not in skip and rest.split("/")[0] in ROLES:
+            if split not in skip and not split.endswith("_valid") and rest.split("/")[0] in ROLES:
                 found.add(split)
     return sorted(found)
 

@@ -3,8 +3,8 @@
 MLflow forbids ``@``: ``HR@10`` is written ``HR_10``.
 
 - ``train/loss``, ``train/windows_per_s``, ``train/seconds``, ``train/disc_loss``,
-  ``train/disc_acc``, ``train/disc_auc``, ``valid/existing/<all|head|tail>/<HR|NDCG>_<N>``:
-  per epoch (step = epoch);
+  ``train/disc_acc``, ``train/disc_auc``,
+  ``valid/<existing|new>/<all|head|tail>/<HR|NDCG>_<N>``: per epoch (step = epoch);
 - ``step/loss``, ``step/disc_loss``: TP, the mean over every ``track.log_every`` outer steps
   (step = global outer step);
 - ``test/<existing|new>/<all|head|tail>/<HR|NDCG>_<N>`` and ``.../users``: the final test
@@ -13,7 +13,8 @@ MLflow forbids ``@``: ``HR@10`` is written ``HR_10``.
   inputs at the end (``majority`` is the accuracy of always guessing the larger group);
 - ``<tag>/<existing|new>/<all|head|tail>/<HR|NDCG>_<N>``: an extra evaluation of the best
   checkpoint with other ``eval.*`` settings (the run folder's ``metrics_<tag>.json``, e.g.
-  ``nohist`` for ``eval.exclude_history=false``), added by ``dist-tp sweep --extra-eval``.
+  ``nohist`` for ``eval.exclude_history=false``), added by ``dist-tp sweep --extra-eval``;
+  ``<tag>_valid/...`` its validation figures (what tunes ``eval.adapt_*``).
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ def final_metrics_to_flat(metrics: dict) -> dict[str, float]:
 
 
 def extra_metrics_to_flat(metrics: dict, tag: str) -> dict[str, float]:
-    """An extra evaluation's test metrics (``metrics_<tag>.json``) as ``tag/role/group/NAME_N``."""
+    """An extra evaluation's metrics (``metrics_<tag>.json``) as ``tag/role/group/NAME_N``
+    (test) and ``tag_valid/role/group/NAME_N`` (validation)."""
     out = {}
     for role in ROLES:
         if role in metrics:
             out.update(metrics_to_flat(metrics[role], f"{tag}/{role}"))
+    for role, groups in metrics.get("validation", {}).items():
+        out.update(metrics_to_flat(groups, f"{tag}_valid/{role}"))
     return out
 
 
