@@ -146,7 +146,8 @@ ROW_WISE = (  # sampled softmax with shared popularity negatives and row-wise it
     "train.item_updates=sparse",
 )
 
-# the -tp.yaml configs' TP: Reptile on user tasks, users drawn by n_u^0.5
+# sasrec-tp.yaml's TP: Reptile on user tasks, users drawn by n_u^0.5 (gru4rec-tp.yaml's
+# distinct_windows and normalize are a part of it)
 TP_VARIANT = (
     "tp.same_user=true",
     "tp.distinct_windows=true",
