@@ -151,6 +151,11 @@ class TrainConfig:
     dist_timeout: int = 600
     """Under torchrun: seconds a collective waits for the other ranks before the run fails
     (a rank that died or hangs); raise it for very long evaluations or checkpoint writes."""
+    init_from: str = ""
+    """Start the model from another run's best weights: a run folder (its ``checkpoint.pt``)
+    or a checkpoint file, trained with the same ``model`` settings on the same prepared data
+    (checked). Only the model's weights are taken; the optimizer, TP's discriminator and the
+    history start fresh. E.g. joint training, then TP from its checkpoint."""
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "bce", "sampled_softmax"):
@@ -412,6 +417,10 @@ class Config:
             )
 
 
+EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+"""A float in exponent notation, as a float key accepts it from a string."""
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -438,6 +447,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} does not match {tp}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and EXPONENT_FLOAT.match(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -14,6 +14,7 @@ from dist_tp.algorithms.joint import rows_loss
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.examples import eval_queries, training_rows
+from dist_tp.data.protocol import ProtocolOptions
 from dist_tp.data.stream import UserSequences, UserStream, load_sequences, open_prepared
 from dist_tp.models import build_model
 from dist_tp.run.loop import run_training
@@ -38,6 +39,11 @@ def test_unknown_key_and_wrong_type_are_named():
         load_config(TINY, ["model.dropout=high"])
     cfg = load_config(TINY, ["train.lr=1", "eval.ks=[1,2]", "data.path=x"])
     assert cfg.train.lr == 1.0 and cfg.eval.ks == [1, 2] and cfg.data.path == "x"
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as the number it is
+    cfg = load_config(TINY, ["train.lr=1e-3", "tp.inner_lr=2E+1", "tp.lambda_adv=.5e-1"])
+    assert (cfg.train.lr, cfg.tp.inner_lr, cfg.tp.lambda_adv) == (1e-3, 20.0, 0.05)
+    with pytest.raises(ConfigError, match="train.lr: expected float, got '1e-3x'"):
+        load_config(TINY, ["train.lr=1e-3x"])
 
 
 def test_every_shipped_config_loads():
@@ -211,6 +217,38 @@ def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
     assert c["existing"] == a["existing"] and c["new"] == a["new"]
     other = run_training(tiny(prepared, "train.epochs=2", "train.seed=7"), tmp_path / "d")
     assert other["existing"] != a["existing"]
+
+
+def test_a_run_starts_from_another_runs_weights(prepared, tmp_path, capsys):
+    """train.init_from: joint weights as TP's start. At learning rates of 1e-12 (inner and
+    outer) nothing moves, so the started run scores exactly as its source."""
+    source = run_training(tiny(prepared, "train.epochs=2"), tmp_path / "source")
+    still = ["train.method=tp", "train.lr=1e-12", "tp.inner_lr=1e-12", "tp.lanes=2"]
+    started = run_training(
+        tiny(prepared, "train.epochs=1", *still, f"train.init_from={tmp_path / 'source'}"),
+        tmp_path / "started",
+    )
+    fresh = run_training(tiny(prepared, "train.epochs=1", *still), tmp_path / "fresh")
+    for role in ("existing", "new"):
+        for metric in ("HR@10", "NDCG@10"):
+            got, want = started[role]["all"][metric], source[role]["all"][metric]
+            assert got == pytest.approx(want, abs=1e-12)
+        assert fresh[role]["all"]["NDCG@10"] < source[role]["all"]["NDCG@10"] / 2
+    # other model settings, other prepared data, no such run: an error naming the key, and
+    # nothing of the new run written
+    out = ["--output", str(tmp_path / "bad")]
+    data = f"data.path={prepared('ml-100k')}"
+    other = f"data.path={prepared('ml-100k', options=ProtocolOptions(new_user_fraction=0.3))}"
+    init = f"train.init_from={tmp_path / 'source'}"
+    for args, says in [
+        ([data, init, "model.dim=8"], "model.dim: 16 there, 8 here"),
+        ([other, init], "was not trained on the same prepared data"),
+        ([data, f"train.init_from={tmp_path / 'nowhere'}"], "no such checkpoint"),
+    ]:
+        assert main(["train", str(TINY), "train.epochs=1", *args, *out]) == 2
+        err = capsys.readouterr().err
+        assert "train.init_from=" in err and says in err and "Traceback" not in err
+        assert not (tmp_path / "bad" / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("method", ["joint", "tp"])

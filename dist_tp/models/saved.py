@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from torch import nn
 
 from dist_tp.config import Config, ConfigError, from_dict
 from dist_tp.core.files import load_checkpoint
+from dist_tp.data.errors import DataError
 from dist_tp.data.stream import PreparedData
 from dist_tp.models import Popularity, build_model
 
@@ -78,6 +79,62 @@ def build(cfg: Config, data: PreparedData) -> nn.Module:
     if cfg.model.name == "pop":
         return Popularity(data.training_counts())
     return build_model(cfg.model, data.num_items)
+
+
+LAYOUT_OPTIONS = ("num_shards", "row_group_size")
+"""``prepare`` options that change how a folder is laid out, not its ids or splits."""
+
+
+def _data_identity(data: PreparedData) -> tuple:
+    """What fixes a prepared folder's item ids and splits: its source and ``prepare``'s
+    options but the layout ones."""
+    options = {k: v for k, v in data.meta.get("options", {}).items() if k not in LAYOUT_OPTIONS}
+    return data.sha256, options
+
+
+def initial_weights(cfg: Config, data: PreparedData) -> dict:
+    """The best model weights of run ``cfg.train.init_from`` (a run folder or a checkpoint
+    file), checked before anything is trained or written: the source must have the same
+    ``model`` settings and have been trained on the same prepared data (its source fingerprint
+    and ``prepare`` options). Anything else is a ConfigError naming ``train.init_from`` and the
+    file. Load them with :func:`load_initial_weights`."""
+    source = Path(cfg.train.init_from)
+    ckpt_path = source / BEST if source.is_dir() else source
+    key = f"train.init_from={cfg.train.init_from}"
+    try:
+        state = load_checkpoint(ckpt_path)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    theirs = from_dict(Config, state["config"])
+    pairs = [
+        (f.name, getattr(theirs.model, f.name), getattr(cfg.model, f.name))
+        for f in fields(cfg.model)
+    ]
+    differ = [f"model.{name}: {a!r} there, {b!r} here" for name, a, b in pairs if a != b]
+    if differ:
+        raise ConfigError(f"{key}: {ckpt_path} has other model settings ({'; '.join(differ)})")
+    try:
+        same = _data_identity(PreparedData.of(theirs.data.path)) == _data_identity(data)
+    except (DataError, OSError, ValueError, KeyError):  # its data is gone: ids uncheckable
+        same = False
+    if not same or "model" not in state:
+        raise ConfigError(
+            f"{key}: {ckpt_path} was not trained on the same prepared data as {cfg.data.path} "
+            f"(it names {theirs.data.path}); its item ids would not match"
+        )
+    return {"source": str(ckpt_path), "epoch": state.get("epoch"), "model": state["model"]}
+
+
+def load_initial_weights(model: nn.Module, weights: dict) -> None:
+    """Load what :func:`initial_weights` returned into ``model``."""
+    try:
+        model.load_state_dict(weights["model"])
+    except RuntimeError as exc:  # keys or shapes differ: written by another version
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ConfigError(
+            f"train.init_from: {weights['source']} does not fit this model: {first}"
+        ) from None
+    log.info("model initialised from %s (epoch %s)", weights["source"], weights["epoch"])
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dist_tp.data.stream import PreparedData
 from dist_tp.evaluation.adapt import Adaptation
 from dist_tp.evaluation.evaluate import evaluate
 from dist_tp.models import Popularity
-from dist_tp.models.saved import build, check_loss_fits
+from dist_tp.models.saved import build, check_loss_fits, initial_weights, load_initial_weights
 from dist_tp.parallel.comm import LocalComm
 from dist_tp.parallel.host import build_host
 from dist_tp.run.checkpoints import Progress, RunCheckpoints
@@ -118,6 +118,7 @@ def run_training(
         warn_if_oversubscribed()
     set_seed(cfg.train.seed)
     data = PreparedData.of(cfg.data.path)  # opened once, handed to every reader of the run
+    init = initial_weights(cfg, data) if cfg.train.init_from and not resume else None
     if comm.is_main:
         write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         start_run(tracker, cfg, out, data.meta, world_size=comm.world_size)
@@ -131,6 +132,8 @@ def run_training(
         metrics = test_metrics(model, cfg, data, comm)
         checkpoints.save_best({"model": model}, 0, [])
     else:
+        if init is not None:
+            load_initial_weights(model, init)
         stepper = make_stepper(model, cfg, host=build_host(cfg.train, comm), data=data)
         progress = checkpoints.resume(stepper) if resume else Progress()
         fit(stepper, cfg, progress, checkpoints, data=data, comm=comm, tracker=tracker)
