@@ -682,7 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid of runs x seeds into one MLflow experiment")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value for every run")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value for every run; {seed} in a value is the run's seed (e.g. "
+        "train.init_from=runs/sasrec_seed{seed})",
+    )
     p.add_argument("--grid", action="append", help="key=v1,v2,... (repeatable: the product)")
     p.add_argument(
         "--seeds",

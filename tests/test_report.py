@@ -59,6 +59,23 @@ def test_rows_name_the_varying_parameters_and_compare_with_the_backbone():
     assert k1["relative_change"] == pytest.approx(0.525)
 
 
+def test_a_seeds_own_source_run_is_one_variant(tmp_path):
+    """sweep's {seed}: each seed starts from its own run; the table keeps them one row."""
+    runs = plan(str(TINY), [], 2, out=tmp_path, experiment="x",
+                overrides=["train.init_from=runs/sasrec_seed{seed}"])  # fmt: skip
+    assert [r.overrides[0] for r in runs] == [
+        "train.init_from=runs/sasrec_seed0",
+        "train.init_from=runs/sasrec_seed1",
+    ]
+    records = [record(s, "tp", 0.3) for s in (0, 1, 10)] + [record(s, "tp", 0.2) for s in (0, 1)]
+    for r in records[:3]:
+        r.params["train.init_from"] = f"runs/sasrec_seed{r.seed}"
+    records[2].params["train.init_from"] = "runs/sasrec_seed1"  # seed 10 from seed 1's run
+    labels = [row.label for row in make_rows(records)]
+    assert labels == ["SASRec-TP init_from=None", "SASRec-TP init_from=runs/sasrec_seed1",
+                      "SASRec-TP init_from=runs/sasrec_seed{seed}"]  # fmt: skip
+
+
 def test_grid_parsing_and_plan_errors_name_the_key(tmp_path):
     assert parse_grid(["tp.k=1,2", "tp.lambda_adv=0"]) == [("tp.k", ["1", "2"]),
                                                             ("tp.lambda_adv", ["0"])]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -116,6 +117,19 @@ def _epochs(client, run_id: str) -> int | None:
     return max(steps) + 1 if steps else None
 
 
+SEEDED_PARAMS = ("train.init_from",)
+"""Parameters whose value names the run's own seed (``sweep``'s ``{seed}``): runs of one
+variant differ there only by their seed."""
+
+
+def _param(run: RunRecord, key: str) -> str | None:
+    """``run``'s value of ``key``, its own seed written ``{seed}`` in ``SEEDED_PARAMS``."""
+    value = run.params.get(key)
+    if key in SEEDED_PARAMS and value is not None:
+        return re.sub(rf"seed{run.seed}(?!\d)", "seed{seed}", value)
+    return value
+
+
 def make_rows(runs: list[RunRecord], ignore: tuple[str, ...] | list[str] = ()) -> list[Row]:
     """Group runs into rows: (dataset, backbone, method) and the parameters that vary within
     that group (besides the seed, and the keys in ``ignore``) name the variant. A row keeps
@@ -130,11 +144,11 @@ def make_rows(runs: list[RunRecord], ignore: tuple[str, ...] | list[str] = ()) -
         varying = [
             k
             for k in keys
-            if len({r.params.get(k) for r in members}) > 1 and not k.startswith("track.")
+            if len({_param(r, k) for r in members}) > 1 and not k.startswith("track.")
         ]
         by_variant: dict[str, dict[int, RunRecord]] = defaultdict(dict)
         for r in members:
-            name = " ".join(f"{k.split('.')[-1]}={r.params.get(k)}" for k in varying)
+            name = " ".join(f"{k.split('.')[-1]}={_param(r, k)}" for k in varying)
             by_variant[name].setdefault(r.seed, r)
         for variant, vruns in by_variant.items():
             rows.append(Row(dataset, backbone, method, variant, sorted(vruns.values(), key=_seed)))

@@ -89,7 +89,9 @@ def plan(
     experiment: str,
     overrides: list[str] = (),
 ) -> list[SweepRun]:
-    """Every (grid point, seed) as a run; each is type-checked now, before anything starts."""
+    """Every (grid point, seed) as a run; each is type-checked now, before anything starts.
+    ``{seed}`` in an override's value is the run's seed (a seed's own source run for
+    ``train.init_from``, say)."""
     axes = parse_grid(grid)
     stem = Path(config).stem
     runs = []
@@ -98,7 +100,7 @@ def plan(
             point = [f"{k}={v}" for k, v in combo]
             name = "_".join([stem, *(f"{k.split('.')[-1]}={v}" for k, v in combo), f"seed{seed}"])
             run_overrides = [
-                *overrides,
+                *(o.replace("{seed}", str(seed)) for o in overrides),
                 *point,
                 f"train.seed={seed}",
                 f"track.experiment={experiment}",
