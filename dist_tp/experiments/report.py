@@ -11,6 +11,7 @@ that vary between that model's runs other than the seed (a sweep's ``k=3 lambda_
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import re
 import statistics
@@ -18,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_tp.config import ConfigError
+from dist_tp.config import Config, ConfigError, flatten, to_dict
 from dist_tp.tracking import GROUPS, KIND_TAG, ROLES, key_for, open_client, resolve_uri
 
 DISPLAY = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "caser": "Caser", "pop": "Pop"}
@@ -122,9 +123,17 @@ SEEDED_PARAMS = ("train.init_from",)
 variant differ there only by their seed."""
 
 
+@functools.cache
+def _defaults() -> dict[str, str]:
+    """Each config key's default as MLflow holds a param (``str``): the value of a run
+    tracked before the key existed."""
+    return {k: str(v) for k, v in flatten(to_dict(Config())).items()}
+
+
 def _param(run: RunRecord, key: str) -> str | None:
-    """``run``'s value of ``key``, its own seed written ``{seed}`` in ``SEEDED_PARAMS``."""
-    value = run.params.get(key)
+    """``run``'s value of ``key`` (its default if the run has none: tracked before the key
+    existed), its own seed written ``{seed}`` in ``SEEDED_PARAMS``."""
+    value = run.params.get(key, _defaults().get(key))
     if key in SEEDED_PARAMS and value is not None:
         return re.sub(rf"seed{run.seed}(?!\d)", "seed{seed}", value)
     return value
