@@ -7,6 +7,8 @@
 # env: EPOCHS (12), PATIENCE (5), SEEDS (3), ONLY (the rungs to run, e.g. "1 2 7"; all by
 # default), EXTRA (an --extra-eval spec, e.g. the adapted evaluation
 # 's1lr01 eval.adapt_steps=1 eval.adapt_lr=0.1'). Runs go to results/ladder/<data>/<rung>_seed<s>.
+# Rung 8 (TP as a second stage) starts from rung 1's checkpoints: run it once rung 1 is done
+# (ONLY=8), e.g. with EPOCHS=8 PATIENCE=3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-ml-100k}
@@ -25,7 +27,8 @@ RUNGS=(
   "$C/$B-tp-paper.yaml $FIXES"                               # 5. the fixes alone
   "$C/$B.yaml --grid train.balance=power"                    # 6. the backbone, users weigh n_u^0.5
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power"  # 7. rung 4, users drawn ∝ n_u^0.5
-)
+  "$C/$B-tp.yaml train.init_from=results/ladder/$DATA/${B}_seed{seed}"  # 8. the -tp config
+)                                                            #    from rung 1's weights
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
