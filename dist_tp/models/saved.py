@@ -125,15 +125,21 @@ def initial_weights(cfg: Config, data: PreparedData) -> dict:
     return {"source": str(ckpt_path), "epoch": state.get("epoch"), "model": state["model"]}
 
 
+def _load_state(model: nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state)``; keys or shapes that differ (a checkpoint of another
+    version or config) are a ConfigError ``"{what}: <torch's first complaint>"``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ConfigError(f"{what}: {first}") from None
+
+
 def load_initial_weights(model: nn.Module, weights: dict) -> None:
     """Load what :func:`initial_weights` returned into ``model``."""
-    try:
-        model.load_state_dict(weights["model"])
-    except RuntimeError as exc:  # keys or shapes differ: written by another version
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise ConfigError(
-            f"train.init_from: {weights['source']} does not fit this model: {first}"
-        ) from None
+    _load_state(
+        model, weights["model"], f"train.init_from: {weights['source']} does not fit this model"
+    )
     log.info("model initialised from %s (epoch %s)", weights["source"], weights["epoch"])
 
 
@@ -158,13 +164,10 @@ def load_run(path: str | Path) -> SavedRun:
     data = PreparedData.of(cfg.data.path)
     model = build(cfg, data)
     if not isinstance(model, Popularity):
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:  # keys or shapes differ: another version or config
-            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-            raise ConfigError(
-                f"{ckpt_path}: the checkpoint does not fit the model its config describes "
-                f"(written by another version of dist_tp?): {first}"
-            ) from None
+        what = (
+            f"{ckpt_path}: the checkpoint does not fit the model its config describes "
+            "(written by another version of dist_tp?)"
+        )
+        _load_state(model, state["model"], what)
     model.eval()
     return SavedRun(model, cfg, state, data, path if path.is_dir() else path.parent)
