@@ -337,15 +337,19 @@ def test_joint_run_killed_mid_epoch_resumes_exactly(prepared, tmp_path, monkeypa
 def test_cli_train_then_evaluate_recomputes_the_same_metrics(prepared, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(TINY), f"data.path={prepared('ml-100k')}", "train.epochs=1"]
-    assert main([*args, "--output", str(out)]) == 0
-    first = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").unlink()
-    assert main(["evaluate", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main([*args, "train.threads=1", "--output", str(out)]) == 0
+        first = json.loads((out / "metrics.json").read_text())
+        (out / "metrics.json").unlink()
+        torch.set_num_threads(2)
+        assert main(["evaluate", str(out)]) == 0
+        assert torch.get_num_threads() == 1  # as the run was trained: it shares the machine
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((out / "metrics.json").read_text()) == first
     assert "| existing | all | 754 |" in capsys.readouterr().out
     # a checkpoint that does not fit its config: a clear error naming the file, no traceback
-    import torch
-
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     state.pop("checksum")  # edited by hand: no longer the content it was written with
     state["model"]["encoder.extra.weight"] = torch.zeros(1)

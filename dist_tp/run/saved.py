@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from dist_tp.algorithms.tp.disc_metrics import discriminator_metrics
 from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
@@ -17,9 +19,13 @@ from dist_tp.run.loop import test_metrics
 def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, Path]:
     """Recompute a run's metrics from its checkpoint: (metrics, run folder). ``overrides``
     change ``eval.*`` keys only (e.g. ``eval.exclude_history=false``). A TP run's
-    discriminator figures are recomputed too."""
+    discriminator figures are recomputed too. Torch uses the run's ``train.threads`` (when
+    set), as its training did: a run given one thread because it shares the machine is
+    evaluated the same way."""
     saved = load_run(path)
     cfg, model = saved.cfg, saved.model
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     if overrides:
         bad = [o for o in overrides if not o.startswith("eval.")]
         if bad:
