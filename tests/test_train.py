@@ -239,6 +239,10 @@ def test_a_run_starts_from_another_runs_weights(prepared, tmp_path, capsys):
     out = ["--output", str(tmp_path / "bad")]
     data = f"data.path={prepared('ml-100k')}"
     other = f"data.path={prepared('ml-100k', options=ProtocolOptions(new_user_fraction=0.3))}"
+    # the same ids laid out in other row groups are the same data; other splits are not
+    identity = open_prepared(prepared("ml-100k")).identity
+    assert open_prepared(prepared("ml-100k", row_group_size=100)).identity == identity
+    assert open_prepared(other.split("=", 1)[1]).identity != identity
     init = f"train.init_from={tmp_path / 'source'}"
     for args, says in [
         ([data, init, "model.dim=8"], "model.dim: 16 there, 8 here"),

@@ -66,6 +66,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads (``train.threads``); 0 keeps torch's default."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def warn_if_oversubscribed() -> bool:
     """Warn (and return True) when torch's CPU threads plus the work already running exceed
     the cores: OpenMP threads then wait on each other (a tiny TP epoch on 2 cores beside a

@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 
 from dist_tp.data.errors import DataError
 
+LAYOUT_OPTIONS = ("num_shards", "row_group_size")
+"""``prepare`` options that change how a folder is laid out, not its ids or splits."""
+
 
 class PreparedData:
     """A prepared folder, opened once per run and passed down: ``meta.json``, the filesystem to
@@ -56,6 +59,14 @@ class PreparedData:
     def sha256(self) -> str:
         """The source fingerprint written by ``prepare``."""
         return self.meta["source"]["sha256"]
+
+    @property
+    def identity(self) -> tuple:
+        """What fixes the folder's item ids and splits: its source fingerprint and
+        ``prepare``'s options, those that only lay the folder out (``LAYOUT_OPTIONS``) aside.
+        Two folders with one identity give a model the same ids."""
+        options = self.meta.get("options", {})
+        return self.sha256, {k: v for k, v in options.items() if k not in LAYOUT_OPTIONS}
 
     def units(self) -> list[tuple[str, int]]:
         """Every (shard file, row group), in file order; each footer is read once."""

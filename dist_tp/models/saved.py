@@ -81,23 +81,12 @@ def build(cfg: Config, data: PreparedData) -> nn.Module:
     return build_model(cfg.model, data.num_items)
 
 
-LAYOUT_OPTIONS = ("num_shards", "row_group_size")
-"""``prepare`` options that change how a folder is laid out, not its ids or splits."""
-
-
-def _data_identity(data: PreparedData) -> tuple:
-    """What fixes a prepared folder's item ids and splits: its source and ``prepare``'s
-    options but the layout ones."""
-    options = {k: v for k, v in data.meta.get("options", {}).items() if k not in LAYOUT_OPTIONS}
-    return data.sha256, options
-
-
 def initial_weights(cfg: Config, data: PreparedData) -> dict:
     """The best model weights of run ``cfg.train.init_from`` (a run folder or a checkpoint
     file), checked before anything is trained or written: the source must have the same
-    ``model`` settings and have been trained on the same prepared data (its source fingerprint
-    and ``prepare`` options). Anything else is a ConfigError naming ``train.init_from`` and the
-    file. Load them with :func:`load_initial_weights`."""
+    ``model`` settings and have been trained on prepared data of the same
+    :attr:`~dist_tp.data.stream.PreparedData.identity`. Anything else is a ConfigError
+    naming ``train.init_from`` and the file. Load them with :func:`load_initial_weights`."""
     source = Path(cfg.train.init_from)
     ckpt_path = source / BEST if source.is_dir() else source
     key = f"train.init_from={cfg.train.init_from}"
@@ -113,11 +102,13 @@ def initial_weights(cfg: Config, data: PreparedData) -> dict:
     differ = [f"model.{name}: {a!r} there, {b!r} here" for name, a, b in pairs if a != b]
     if differ:
         raise ConfigError(f"{key}: {ckpt_path} has other model settings ({'; '.join(differ)})")
+    if "model" not in state:
+        raise ConfigError(f"{key}: {ckpt_path} holds no model weights")
     try:
-        same = _data_identity(PreparedData.of(theirs.data.path)) == _data_identity(data)
+        same = PreparedData.of(theirs.data.path).identity == data.identity
     except (DataError, OSError, ValueError, KeyError):  # its data is gone: ids uncheckable
         same = False
-    if not same or "model" not in state:
+    if not same:
         raise ConfigError(
             f"{key}: {ckpt_path} was not trained on the same prepared data as {cfg.data.path} "
             f"(it names {theirs.data.path}); its item ids would not match"

@@ -24,7 +24,7 @@ import yaml
 
 from dist_tp.algorithms import Stepper, make_stepper
 from dist_tp.config import Config, ConfigError, to_dict
-from dist_tp.core.device import resolve_device, warn_if_oversubscribed
+from dist_tp.core.device import resolve_device, set_threads, warn_if_oversubscribed
 from dist_tp.core.files import WriteError, write_json, write_text
 from dist_tp.data.stream import PreparedData
 from dist_tp.evaluation.adapt import Adaptation
@@ -111,8 +111,7 @@ def run_training(
         raise WriteError(f"{out}: cannot create the run folder: {exc.strerror or exc}") from None
     checkpoints = RunCheckpoints(out, cfg, comm)
     checkpoints.check_start(resume=resume, overwrite=overwrite)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     if comm.is_main and device.type == "cpu":
         warn_if_oversubscribed()

@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from dist_tp.algorithms.tp.disc_metrics import discriminator_metrics
 from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.config import Config, ConfigError, apply_overrides, from_dict, to_dict
-from dist_tp.core.device import resolve_device
+from dist_tp.core.device import resolve_device, set_threads
 from dist_tp.models.saved import load_run
 from dist_tp.run.loop import test_metrics
 
@@ -24,8 +22,7 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict,
     evaluated the same way."""
     saved = load_run(path)
     cfg, model = saved.cfg, saved.model
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     if overrides:
         bad = [o for o in overrides if not o.startswith("eval.")]
         if bad:
