@@ -174,7 +174,7 @@ def test_sweep_compare_and_plot_on_real_runs(prepared, tmp_path, capsys):
 
     uri = f"sqlite:///{tmp_path}/store.db"
     common = [f"data.path={prepared('ml-100k')}", "train.epochs=1", f"track.uri={uri}",
-              "tp.lanes=4", "tp.inner_batch=32",
+              "train.epoch_steps=3", "tp.lanes=4", "tp.inner_batch=32",
               "--experiment", "cmp", "--out", str(tmp_path)]  # fmt: skip
     sweep = ["sweep", str(TINY), *common, "--seeds", "2"]
     assert main([*sweep, "--grid", "train.method=joint,tp", "--parallel", "2"]) == 0

@@ -221,19 +221,24 @@ def test_same_seed_same_metrics_and_resume(prepared, tmp_path):
 
 def test_a_run_starts_from_another_runs_weights(prepared, tmp_path, capsys):
     """train.init_from: joint weights as TP's start. At learning rates of 1e-12 (inner and
-    outer) nothing moves, so the started run scores exactly as its source."""
-    source = run_training(tiny(prepared, "train.epochs=2"), tmp_path / "source")
+    outer) nothing moves, so the started run scores exactly as its source (a fresh
+    initialisation would not: it is far from the trained source at any such tolerance)."""
+    source = run_training(tiny(prepared, "train.epochs=1"), tmp_path / "source")
     still = ["train.method=tp", "train.lr=1e-12", "tp.inner_lr=1e-12", "tp.lanes=2"]
     started = run_training(
-        tiny(prepared, "train.epochs=1", *still, f"train.init_from={tmp_path / 'source'}"),
+        tiny(
+            prepared,
+            "train.epochs=1",
+            "train.epoch_steps=2",
+            *still,
+            f"train.init_from={tmp_path / 'source'}",
+        ),
         tmp_path / "started",
     )
-    fresh = run_training(tiny(prepared, "train.epochs=1", *still), tmp_path / "fresh")
     for role in ("existing", "new"):
         for metric in ("HR@10", "NDCG@10"):
             got, want = started[role]["all"][metric], source[role]["all"][metric]
             assert got == pytest.approx(want, abs=1e-12)
-        assert fresh[role]["all"]["NDCG@10"] < source[role]["all"]["NDCG@10"] / 2
     # other model settings, other prepared data, no such run: an error naming the key, and
     # nothing of the new run written
     out = ["--output", str(tmp_path / "bad")]
