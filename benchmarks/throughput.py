@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dist_tp.config import load_config
+from dist_tp.core.device import to_device
 from dist_tp.data.prepare import prepare
 from dist_tp.data.stream import open_prepared
 from dist_tp.evaluation.evaluate import evaluate
@@ -58,19 +59,18 @@ def joint_steps(cfg, device: torch.device):
     stepper = JointStepper(model, cfg)
     model.train()
     epoch = 0
-    while True:
-        for mb in stepper.epoch_batches(epoch):
-            inputs, targets = torch.as_tensor(mb.inputs), torch.as_tensor(mb.targets)
-            weights = None if mb.weights is None else torch.as_tensor(mb.weights)
+    while True:  # mini-batches made train.prefetch ahead, pinned on a GPU, as in training
+        for mb, _ in stepper.host_batches(stepper.positioned_batches(epoch)):
+            weights = None if mb.weights is None else to_device(mb.weights, device)
             with stepper._autocast():  # the stepper's own bf16 choice
                 loss = stepper.opt(
-                    inputs.to(device),
-                    targets.to(device),
+                    to_device(mb.inputs, device),
+                    to_device(mb.targets, device),
                     generator=stepper.gen,
-                    weights=None if weights is None else weights.to(device),
+                    weights=weights,
                 )
             stepper.opt.update(loss)
-            yield int(mb.windows.sum())
+            yield mb.windows
         epoch += 1
 
 

@@ -73,6 +73,9 @@ class ModelConfig:
         )
 
 
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # train.lr_scaling: the exponent
+
+
 @dataclass
 class TrainConfig:
     method: str = "joint"
@@ -106,6 +109,14 @@ class TrainConfig:
     shuffled and packed until they hold this many windows, so a mini-batch mixes users. TP
     ignores it (an outer step sees ``lanes × k × users_per_step × inner_batch`` windows)."""
     lr: float = 1e-3
+    lr_scaling: str = "none"
+    """How the learning rate follows the windows B of one optimizer step over all ranks (joint:
+    ``batch_size`` × ranks; TP: lanes × k × ``users_per_step`` × ``inner_batch`` × ranks):
+    ``none`` (``lr`` as given), ``sqrt`` (``lr`` × (B / ``lr_batch``)^½) or ``linear``
+    (``lr`` × B / ``lr_batch``). For large GPU batches: a config tuned at 256 windows per
+    step keeps its meaning at 8,192 (``benchmarks/RESULTS.md``, "Large batches")."""
+    lr_batch: int = 256
+    """The windows per step that ``lr`` was tuned for (``lr_scaling``)."""
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     """Clip the gradient norm to this value; 0 disables."""
@@ -120,6 +131,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    prefetch: int = 2
+    """Joint training: mini-batches made ahead on a background thread (rows, shuffles and, on a
+    GPU, pinned host memory for an asynchronous copy) while the device runs the step; 0 makes
+    each one in the training loop. The batches and results are the same either way."""
     checkpoint_every: int = 0
     """Also write ``last.pt`` every this many steps (TP: outer steps; joint: mini-batches),
     from which ``--resume`` continues mid-epoch exactly; 0: at epoch ends only."""
@@ -208,7 +223,12 @@ class TrainConfig:
             patience=self.patience,
             eval_every=self.eval_every,
             dist_timeout=self.dist_timeout,
+            lr_batch=self.lr_batch,
         )
+        if self.lr_scaling not in LR_SCALING:
+            raise ConfigError(
+                f"train.lr_scaling must be none, sqrt or linear, got {self.lr_scaling!r}"
+            )
         _check_at_least("train", 0, strict=True, lr=self.lr)
         _check_at_least(
             "train",
@@ -216,6 +236,7 @@ class TrainConfig:
             weight_decay=self.weight_decay,
             grad_clip=self.grad_clip,
             threads=self.threads,
+            prefetch=self.prefetch,
             checkpoint_every=self.checkpoint_every,
             epoch_steps=self.epoch_steps,
         )
@@ -415,6 +436,20 @@ class Config:
                 f"tp.outer_lr ({outer:g}) differs from train.lr ({self.train.lr:g}): TP's outer "
                 "learning rate is train.lr (set train.lr, and leave tp.outer_lr out)"
             )
+
+    def step_windows(self) -> int:
+        """Windows one rank's optimizer step sees: joint ``batch_size`` (about), TP lanes × k ×
+        users_per_step × inner_batch."""
+        tp = self.tp
+        if self.train.method == "tp":
+            return tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
+        return self.train.batch_size
+
+    def effective_lr(self, world_size: int = 1) -> float:
+        """``train.lr`` after ``train.lr_scaling`` for the windows of a step over all ranks."""
+        train = self.train
+        ratio = self.step_windows() * world_size / train.lr_batch
+        return train.lr * ratio ** LR_SCALING[train.lr_scaling]
 
 
 EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")

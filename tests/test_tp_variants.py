@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from helpers import NUM_ITEMS, tp_config, tp_sampler, tp_setup
 
+from dist_tp.algorithms.joint import JointStepper
 from dist_tp.algorithms.tp.lanes import InnerLoop
 from dist_tp.algorithms.tp.trainer import TPStepper
 from dist_tp.config import ConfigError, load_config
 from dist_tp.data.examples import training_rows
+from dist_tp.data.stream import open_prepared
+from dist_tp.models import build_model
 
 
 def _sample(sampler, lanes=1, seed=0, **kwargs):
@@ -214,3 +217,27 @@ def test_gru4rec_lanes_unrolled_equal_native_lanes(loss):
     for native, unrolled in zip(out[0], out[1]):
         for name in native:
             torch.testing.assert_close(unrolled[name], native[name], atol=1e-5, rtol=1e-5)
+
+
+def test_lr_scaling_follows_the_windows_per_step(prepared):
+    """train.lr_scaling: lr × (B / lr_batch)^p, B the windows of one step over all ranks;
+    what the optimizers get, for TP (outer Adam) as for joint training."""
+    joint = load_config(None, ["train.batch_size=4096", "train.lr_scaling=sqrt"])
+    assert joint.effective_lr() == pytest.approx(1e-3 * 4)
+    assert joint.effective_lr(world_size=4) == pytest.approx(1e-3 * 8)
+    linear = load_config(None, ["train.batch_size=512", "train.lr_scaling=linear"])
+    assert linear.effective_lr() == pytest.approx(2e-3)
+    assert load_config(None, ["train.batch_size=4096"]).effective_lr() == 1e-3  # none
+    joint.data.path = prepared("ml-100k")
+    model = build_model(joint.model, open_prepared(joint.data.path).num_items)
+    assert JointStepper(model, joint).opt.opt.param_groups[0]["lr"] == pytest.approx(4e-3)
+    cfg = tp_config("sasrec", "bce", lanes=2)  # 2 lanes × k 2 × K 4: 16 windows per step
+    cfg.train.lr_scaling, cfg.train.lr_batch = "linear", 4
+    model, _ = tp_setup(cfg)
+    stepper = TPStepper(model, cfg, sampler=tp_sampler())
+    expected = cfg.train.lr * cfg.step_windows() / 4
+    assert stepper.outer.opt.param_groups[0]["lr"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="train.lr_scaling must be none, sqrt or linear"):
+        load_config(None, ["train.lr_scaling=cubic"])
+    with pytest.raises(ConfigError, match="lr_batch"):
+        load_config(None, ["train.lr_batch=0"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from dist_tp.config import Config
 from dist_tp.core.device import module_device, to_device
 from dist_tp.core.seeding import seed_step
 from dist_tp.data.examples import Rows, training_rows
+from dist_tp.data.prefetch import prefetched
 from dist_tp.data.stream import PreparedData, UserStream, to_sequences
 from dist_tp.models.saved import sparse_item_updates
 from dist_tp.parallel.host import Host, OptimizerSpec
@@ -38,6 +40,26 @@ def batches(rows: Rows, batch_size: int, rng: np.random.Generator) -> Iterator[R
     bounds = np.flatnonzero(np.diff(batch_id)) + 1
     for chunk in np.split(order, bounds):
         yield rows.take(chunk)
+
+
+@dataclass
+class HostBatch:
+    """A mini-batch ready for the device: its rows as CPU tensors (in pinned memory when
+    the model is on a GPU, for an asynchronous copy) and its number of windows."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor | None
+    windows: int
+
+    @classmethod
+    def of(cls, rows: Rows, pin: bool = False) -> HostBatch:
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(array)
+            return t.pin_memory() if pin else t
+
+        weights = None if rows.weights is None else tensor(rows.weights)
+        return cls(tensor(rows.inputs), tensor(rows.targets), weights, int(rows.windows.sum()))
 
 
 def rows_loss(
@@ -160,7 +182,7 @@ class JointStepper:
         self.opt = host.gradient_optimizer(
             JointLoss(model, cfg),
             OptimizerSpec(
-                lr=train.lr,
+                lr=cfg.effective_lr(self.comm.world_size),
                 weight_decay=train.weight_decay,
                 grad_clip=train.grad_clip,
                 sparse_rows=tuple(f"model.{n}" for n in model.item_table_names()) if sparse else (),
@@ -227,6 +249,16 @@ class JointStepper:
                     continue  # done before the checkpoint
                 yield mb, StreamPosition(unit, row, pool_index, done)
 
+    def host_batches(
+        self, positioned: Iterator[tuple[Rows, StreamPosition]]
+    ) -> Iterator[tuple[HostBatch, StreamPosition]]:
+        """``positioned_batches`` as :class:`HostBatch` es, made ``train.prefetch`` mini-batches
+        ahead on a background thread (the same ones, in the same order)."""
+        pin = self.device.type == "cuda"
+        return prefetched(
+            positioned, self.cfg.train.prefetch, lambda item: (HostBatch.of(item[0], pin), item[1])
+        )
+
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast of the forward and loss when ``train.precision`` is bf16 (the
         backward follows the forward's dtypes; parameters and Adam stay float32)."""
@@ -258,10 +290,11 @@ class JointStepper:
         if start_step and position is None:  # a last.pt from before positions were kept
             for _ in range(start_step):
                 next(mbs, None)
+        mbs = self.host_batches(mbs)
         while self.steps_per_epoch is None or step < self.steps_per_epoch:
             item = next(mbs, None)  # a spent rank keeps its last position: nothing follows it
             mb, position = item if item is not None else (None, position)
-            n = 0 if mb is None else int(mb.windows.sum())
+            n = 0 if mb is None else mb.windows
             weight = 1.0
             if world > 1:
                 n_all = int(comm.all_reduce_sum(torch.tensor([n], dtype=torch.int64)))
@@ -271,7 +304,7 @@ class JointStepper:
                 mb = (
                     mb
                     if mb is not None
-                    else _idle_rows(cfg.model.max_len, cfg.train.balance != "window")
+                    else HostBatch.of(_idle_rows(cfg.model.max_len, cfg.train.balance != "window"))
                 )
             elif mb is None:
                 break
@@ -298,6 +331,7 @@ class JointStepper:
             if on_step is not None:  # the loss stays on the device until it is logged
                 on_step(step, {"loss": loss.detach()} if n else {})
             step += 1
+        mbs.close()  # a capped epoch: the prefetching thread stops
         self._partial = None
         bar.close()
         total = float(total)  # waits for the device's last step

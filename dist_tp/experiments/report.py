@@ -31,6 +31,7 @@ IGNORED_PARAMS = {
     "data.path",
     "train.progress",
     "train.threads",
+    "train.prefetch",
     "train.device",
     "train.checkpoint_every",
     "tp.check_replicas_every",

@@ -33,6 +33,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.eval_every",
     "train.checkpoint_every",
     "train.threads",
+    "train.prefetch",
     "train.progress",
     "train.device",
     "train.dist_timeout",

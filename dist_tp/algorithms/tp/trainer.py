@@ -97,7 +97,8 @@ class TPStepper:
         self.outer = host.pseudo_gradient_optimizer(
             self.modules(),
             OptimizerSpec(
-                lr=cfg.train.lr,  # tp.outer_lr, when given, equals it (Config)
+                # train.lr (tp.outer_lr, when given, equals it), after train.lr_scaling
+                lr=cfg.effective_lr(self.comm.world_size),
                 kind=tp.outer_optimizer,
                 compress=tp.compress,
                 sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
@@ -107,7 +108,7 @@ class TPStepper:
         if cfg.train.negatives != "uniform":
             model.set_item_popularity(self.data.training_counts())
             self._negative_cdf = model.neg_cdf.cpu().numpy()
-        self.windows_per_step = tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
+        self.windows_per_step = cfg.step_windows()
         # an epoch = as many windows as a joint epoch over all ranks' users
         total = self.comm.all_reduce_sum(torch.tensor(float(windows), dtype=torch.float64))
         self.steps_per_epoch = math.ceil(
