@@ -11,6 +11,8 @@ Settings, for the backbone's ``configs/ml-1m/<backbone>[-tp].yaml``:
   TP at the config's lanes × k × K (256 windows per outer step).
 - large: joint mini-batches of ``--batch`` windows made ``train.prefetch`` ahead on a thread
   into pinned memory; TP at ``--lanes`` lanes × k × ``--inner-batch`` windows.
+- compiled (``--compile``): joint as large, with ``train.compile=default`` (the compiler's
+  time falls in the untimed warm-up steps).
 
 Data: the ML-1M part (full-softmax ``ce``), and a generated log of ``--items`` items (``dist-tp
 synth``, prepared out of core) with sampled softmax: 128 popularity negatives shared by the
@@ -61,6 +63,8 @@ def case_config(backbone: str, method: str, setting: str, path: str, sampled: bo
         overrides += ["train.prefetch=0"]
     elif method == "joint":
         overrides += [f"train.batch_size={args.batch}"]
+        if setting == "compiled":
+            overrides += ["train.compile=default"]
     else:
         overrides += [f"tp.lanes={args.lanes}", f"tp.inner_batch={args.inner_batch}"]
     return load_config(REPO / "configs" / "ml-1m" / f"{name}.yaml", overrides)
@@ -133,6 +137,9 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--util-seconds", type=float, default=2.0)
     ap.add_argument("--no-tp", dest="tp", action="store_false")
+    ap.add_argument(
+        "--compile", action="store_true", help="also joint at large batches, train.compile"
+    )
     ap.add_argument("--work", default=None, help="where to keep the prepared data")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -156,7 +163,10 @@ def main() -> None:
         cases, runs = [], []
         for backbone in args.backbones.split(","):
             for method in methods:
-                for setting in ("old", "large"):
+                settings = ["old", "large"]
+                if method == "joint" and args.compile:
+                    settings.append("compiled")
+                for setting in settings:
                     cfg = case_config(backbone, method, setting, path, sampled, args)
                     step = joint_steps if method == "joint" else tp_steps
                     cases.append((data, backbone, method, setting, cfg.step_windows()))

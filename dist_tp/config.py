@@ -73,6 +73,7 @@ class ModelConfig:
         )
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # train.compile
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # train.lr_scaling: the exponent
 
 
@@ -156,6 +157,12 @@ class TrainConfig:
     (parameters, gradients and Adam stay float32; evaluation always ranks in float32, since
     bf16 scores would tie). Meant for GPUs; plain engine, joint method only (TP inner loops
     run in float32; DeepSpeed takes bf16 from its JSON)."""
+    compile: str = "none"
+    """Joint training's forward and loss through ``torch.compile`` (dynamic shapes): ``none``,
+    or its mode: ``default``, ``reduce-overhead`` or ``max-autotune``. Meant for GPUs, where
+    small steps are bound by kernel launches; the first steps wait for the compiler (minutes
+    on a CPU, where it was measured no faster: ``benchmarks/RESULTS.md``, "Large batches").
+    Plain engine, joint method only."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
     (the optimizer runs inside a DeepSpeed engine, ZeRO 0-2; needs torchrun)."""
@@ -257,6 +264,16 @@ class TrainConfig:
             raise ConfigError(
                 "train.precision=bf16 with train.engine=deepspeed: enable bf16 in the "
                 "DeepSpeed JSON instead"
+            )
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                "train.compile must be none, default, reduce-overhead or max-autotune, got "
+                f"{self.compile!r}"
+            )
+        if self.compile != "none" and (self.method != "joint" or self.engine != "plain"):
+            raise ConfigError(
+                f"train.compile={self.compile} is for joint training on the plain engine "
+                f"(train.method={self.method}, train.engine={self.engine})"
             )
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ConfigError(

@@ -472,3 +472,32 @@ def test_a_run_evaluated_on_a_sample_writes_intervals_and_the_sample(prepared, t
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["existing"]["all"]["NDCG@10_hi"] == existing["NDCG@10_hi"]
     assert "| existing | all |" in format_metrics(metrics)
+
+
+def test_compiled_joint_step_trains_as_the_eager_one(prepared, tmp_path, monkeypatch):
+    """train.compile: the joint forward and loss go through torch.compile (dynamic shapes)
+    and train to the same losses and metrics. The compiler's graph capture and autograd run
+    for real; the backend is AOT autograd's eager one (inductor's C++ code generation took
+    minutes per shape on 2 cores and is for GPUs)."""
+    real, modes = torch.compile, []
+
+    def aot_eager(fn, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real(fn, backend="aot_eager", dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    base = ["train.epochs=1", "train.epoch_steps=8", "model.dropout=0", "train.patience=9"]
+    eager = run_training(tiny(prepared, *base), tmp_path / "eager")
+    compiled = run_training(tiny(prepared, *base, "train.compile=default"), tmp_path / "c")
+    assert modes == ["default"]
+    history = [json.loads((tmp_path / r / "history.json").read_text()) for r in ("eager", "c")]
+    assert history[1][0]["loss"] == pytest.approx(history[0][0]["loss"], rel=1e-5)
+    for role in ("existing", "new"):
+        got, want = compiled[role]["all"]["NDCG@10"], eager[role]["all"]["NDCG@10"]
+        assert got == pytest.approx(want, abs=1e-4)
+    for bad, says in [
+        (["train.compile=fast"], "train.compile must be none, default"),
+        (["train.compile=default", "train.method=tp"], "is for joint training on the plain"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            tiny(prepared, *bad)

@@ -123,8 +123,14 @@ class JointLoss(torch.nn.Module):
         self.model = model
         self.kind, self.num_negatives = cfg.train.loss, cfg.train.num_negatives
         self.sampling, self.shared = cfg.train.negatives, cfg.train.shared_negatives
+        self._loss = self._rows_loss
+        if cfg.train.compile != "none":  # train.compile: the same arithmetic, compiled
+            self._loss = torch.compile(self._rows_loss, dynamic=True, mode=cfg.train.compile)
 
     def forward(self, inputs, targets, generator=None, weights=None) -> torch.Tensor:
+        return self._loss(inputs, targets, generator, weights)
+
+    def _rows_loss(self, inputs, targets, generator, weights) -> torch.Tensor:
         return rows_loss(
             self.model,
             inputs,

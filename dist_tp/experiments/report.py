@@ -32,6 +32,7 @@ IGNORED_PARAMS = {
     "train.progress",
     "train.threads",
     "train.prefetch",
+    "train.compile",
     "train.device",
     "train.checkpoint_every",
     "tp.check_replicas_every",

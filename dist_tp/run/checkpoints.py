@@ -34,6 +34,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.checkpoint_every",
     "train.threads",
     "train.prefetch",
+    "train.compile",
     "train.progress",
     "train.device",
     "train.dist_timeout",
