@@ -9,6 +9,7 @@ itself to :data:`METHODS` (``train.method`` names it).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,8 @@ from torch import nn
 
 from dist_tp.parallel.comm import LocalComm
 from dist_tp.parallel.host import Host, build_host
+
+log = logging.getLogger(__name__)
 
 OnStep = Callable[[int, Mapping[str, float]], None]
 """Called after every step of an epoch with the step's index within the epoch and the figures
@@ -84,6 +87,22 @@ def comm_and_host(cfg, comm=None, host: Host | None = None) -> tuple[LocalComm, 
     given beside a ``host`` only decides this rank's share of the data."""
     comm = comm or (host.comm if host is not None else LocalComm())
     return comm, host or build_host(cfg.train, comm)
+
+
+def step_lr(cfg, world_size: int) -> float:
+    """The optimizer's learning rate (``train.lr`` after ``train.lr_scaling``), logged when it
+    differs from ``train.lr``."""
+    lr = cfg.effective_lr(world_size)
+    if lr != cfg.train.lr:
+        log.info(
+            "train.lr_scaling=%s: lr %g for %d windows per step (train.lr %g at %d)",
+            cfg.train.lr_scaling,
+            lr,
+            cfg.step_windows() * world_size,
+            cfg.train.lr,
+            cfg.train.lr_batch,
+        )
+    return lr
 
 
 METHODS: dict[str, Callable[..., Stepper]] = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.algorithms.base import OnStep, StreamPosition, comm_and_host, register
+from dist_tp.algorithms.base import OnStep, StreamPosition, comm_and_host, register, step_lr
 from dist_tp.config import Config
 from dist_tp.core.device import module_device, to_device
 from dist_tp.core.seeding import seed_step
@@ -188,7 +188,7 @@ class JointStepper:
         self.opt = host.gradient_optimizer(
             JointLoss(model, cfg),
             OptimizerSpec(
-                lr=cfg.effective_lr(self.comm.world_size),
+                lr=step_lr(cfg, self.comm.world_size),
                 weight_decay=train.weight_decay,
                 grad_clip=train.grad_clip,
                 sparse_rows=tuple(f"model.{n}" for n in model.item_table_names()) if sparse else (),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_tp.algorithms.base import OnStep, comm_and_host, register
+from dist_tp.algorithms.base import OnStep, comm_and_host, register, step_lr
 from dist_tp.algorithms.tp.disc_metrics import disc_figures, discriminator_metrics
 from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.algorithms.tp.lanes import InnerLoop
@@ -98,7 +98,7 @@ class TPStepper:
             self.modules(),
             OptimizerSpec(
                 # train.lr (tp.outer_lr, when given, equals it), after train.lr_scaling
-                lr=cfg.effective_lr(self.comm.world_size),
+                lr=step_lr(cfg, self.comm.world_size),
                 kind=tp.outer_optimizer,
                 compress=tp.compress,
                 sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
