@@ -109,6 +109,14 @@ class TrainConfig:
     """Windows (next-item examples) per joint mini-batch, about: rows of a pool of users are
     shuffled and packed until they hold this many windows, so a mini-batch mixes users. TP
     ignores it (an outer step sees ``lanes × k × users_per_step × inner_batch`` windows)."""
+    row_stride: int = 1
+    """Joint training of all-positions encoders (SASRec, GRU4Rec): how a user's windows past
+    its first L are packed into rows. 1: each has a row of its own, its full L-item window
+    (the paper's examples; on the ML-1M part 1.4 windows per row, since most users are long).
+    S > 1: S consecutive ones share a row of L items ending at the last of them, so each
+    sees between L − S + 1 and L items before it, and there are about S times fewer rows to
+    encode (``benchmarks/RESULTS.md``, "Packed rows"). Caser (one window per row) and TP
+    ignore it."""
     lr: float = 1e-3
     lr_scaling: str = "none"
     """How the learning rate follows the windows B of one optimizer step over all ranks (joint:
@@ -231,6 +239,7 @@ class TrainConfig:
             eval_every=self.eval_every,
             dist_timeout=self.dist_timeout,
             lr_batch=self.lr_batch,
+            row_stride=self.row_stride,
         )
         if self.lr_scaling not in LR_SCALING:
             raise ConfigError(
@@ -452,6 +461,12 @@ class Config:
             raise ConfigError(
                 f"tp.outer_lr ({outer:g}) differs from train.lr ({self.train.lr:g}): TP's outer "
                 "learning rate is train.lr (set train.lr, and leave tp.outer_lr out)"
+            )
+
+        if self.train.row_stride > self.model.max_len:
+            raise ConfigError(
+                f"train.row_stride ({self.train.row_stride}) must be at most model.max_len "
+                f"({self.model.max_len}): a row holds L items"
             )
 
     def step_windows(self) -> int:

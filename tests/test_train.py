@@ -14,7 +14,7 @@ from helpers import crash_after_checkpoint
 from dist_tp.algorithms.joint import rows_loss
 from dist_tp.cli import main
 from dist_tp.config import ConfigError, load_config
-from dist_tp.data.examples import eval_queries, training_rows
+from dist_tp.data.examples import Rows, eval_queries, training_rows
 from dist_tp.data.protocol import ProtocolOptions
 from dist_tp.data.stream import UserSequences, UserStream, load_sequences, open_prepared
 from dist_tp.models import build_model
@@ -92,6 +92,38 @@ def test_training_rows_are_exactly_the_papers_windows(all_positions):
     expected = set().union(*(_brute_force_windows(list(s), 5) for s in items))
     assert _rows_to_windows(rows, all_positions) == expected
     assert rows.windows.sum() == sum(max(n - 3, 0) for n in lengths)
+
+
+@pytest.mark.parametrize("stride", [2, 3, 5])
+def test_strided_rows_hold_every_window_once_with_at_least_l_minus_s_plus_1_items(stride):
+    """train.row_stride: targets past a user's first L share rows, S to a row; each target
+    is there once, after the last L − S + 1 to L items of its window (the whole window when
+    it is shorter); stride 1 is the exact rows."""
+    rng = np.random.default_rng(0)
+    lengths = [3, 4, 7, 12, 25, 31]
+    distinct = rng.permutation(np.arange(1, 500))  # no item twice, in any user: targets are keys
+    items = np.split(distinct[: sum(lengths)], np.cumsum(lengths)[:-1])
+    seqs = UserSequences(
+        user=np.arange(1, 7, dtype=np.int32),
+        is_new=np.zeros(6, bool),
+        is_head=np.zeros(6, bool),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        items=np.concatenate(items).astype(np.int32),
+    )
+    exact = training_rows(seqs, max_len=5, all_positions=True)
+    one = training_rows(seqs, max_len=5, all_positions=True, stride=1)
+    assert np.array_equal(one.inputs, exact.inputs) and np.array_equal(one.targets, exact.targets)
+    rows = training_rows(seqs, max_len=5, all_positions=True, stride=stride)
+    windows = {target: window for window, target in _rows_to_windows(exact, True)}
+    seen = [(w, t) for i, t_row in zip(rows.inputs, rows.targets) for w, t in
+            _rows_to_windows(Rows(i[None], t_row[None]), True)]  # fmt: skip
+    assert sorted(t for _, t in seen) == sorted(windows)  # every target, once
+    for window, target in seen:
+        full = windows[target]
+        assert full[len(full) - len(window) :] == window  # a suffix of its window
+        assert len(window) >= min(len(full), 5 - stride + 1)
+    later = sum(max(n - 3 - 5, 0) for n in lengths)  # targets past the first L = 5
+    assert len(exact) - len(rows) == later - sum(-(-max(n - 8, 0) // stride) for n in lengths)
 
 
 @pytest.mark.parametrize("all_positions", [True, False])

@@ -248,6 +248,7 @@ class JointStepper:
                 all_positions=self.model.supports_all_positions,
                 balance=cfg.train.balance,
                 power=cfg.train.balance_power,
+                stride=cfg.train.row_stride,
             )
             rng = np.random.default_rng([cfg.train.seed, epoch, pool_index])
             for done, mb in enumerate(batches(rows, cfg.train.batch_size, rng), start=1):

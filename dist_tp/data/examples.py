@@ -62,8 +62,14 @@ def training_rows(
     holdout: int = 2,
     balance: str = "window",
     power: float = 0.0,
+    stride: int = 1,
 ) -> Rows:
     """All training rows of ``seqs`` (existing users; the last ``holdout`` items held out).
+
+    ``stride`` (all-positions encoders): a user's targets past its first L share rows, S =
+    ``stride`` to a row of L items that ends at the last of them, so each sees between
+    L − S + 1 and L items before it instead of exactly L; S times fewer rows. 1: every such
+    target has its own row and its full L-item window (the paper's examples).
 
     ``balance="user"`` adds weights: user u's n_u windows each weigh W / (U · n_u) (W windows
     and U users in ``seqs``), so every user carries the same total weight and the weights
@@ -71,7 +77,7 @@ def training_rows(
     ``balance="power"``: user u's windows together weigh in proportion to n_u^``power``
     (each W · n_u^(γ−1) / Σ n_v^γ): 0 is ``user``, 1 is ``window``."""
     rows, owner = _training_rows(
-        seqs, max_len=max_len, all_positions=all_positions, holdout=holdout
+        seqs, max_len=max_len, all_positions=all_positions, holdout=holdout, stride=stride
     )
     if balance == "window":
         return rows
@@ -90,7 +96,7 @@ def training_rows(
 
 
 def _training_rows(
-    seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int
+    seqs: UserSequences, *, max_len: int, all_positions: bool, holdout: int, stride: int = 1
 ) -> tuple[Rows, np.ndarray]:
     """The rows, and the user (index into ``seqs``) of each row."""
     flat = np.concatenate([seqs.items.astype(np.int64), [0]])
@@ -111,13 +117,25 @@ def _training_rows(
     has = m > 0
     head_in = windows(flat, (starts + m)[has], starts[has], max_len)
     head_tg = windows(flat, (starts + m + 1)[has], (starts + 1)[has], max_len)
-    # later targets (index >= L+1 within the user) each get a full window
-    later = target_pos - starts[user_of] > max_len
-    tail_in = windows(flat, target_pos[later], starts[user_of][later], max_len)
-    tail_tg = np.zeros_like(tail_in)
-    tail_tg[:, -1] = flat[target_pos[later]]
+    # later targets (index >= L+1 within the user): rows of L items ending at each stride's
+    # last target, with the stride's targets at their last positions (stride 1: each target
+    # its own full window)
+    relative = target_pos - starts[user_of]
+    later = relative > max_len
+    stride = max(stride, 1)
+    last = later & (
+        ((relative - max_len) % stride == 0) | (np.r_[user_of[1:] != user_of[:-1], True])
+    )  # the stride's last target, or the user's last
+    ends = target_pos[last]  # [R'] each row's last target
+    owners = user_of[last]
+    counts = np.where(
+        (relative[last] - max_len) % stride == 0, stride, (relative[last] - max_len) % stride
+    )  # targets in the row: a full stride, or what is left of the user's last one
+    tail_in = windows(flat, ends, starts[owners], max_len)
+    tail_tg = windows(flat, ends + 1, starts[owners] + 1, max_len)
+    tail_tg[np.arange(max_len) < (max_len - counts)[:, None]] = 0  # context-only positions
     rows = Rows(np.concatenate([head_in, tail_in]), np.concatenate([head_tg, tail_tg]))
-    return rows, np.concatenate([np.flatnonzero(has), user_of[later]])
+    return rows, np.concatenate([np.flatnonzero(has), owners])
 
 
 @dataclass
