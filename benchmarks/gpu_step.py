@@ -9,8 +9,9 @@ step's wall time spent in device kernels, the GPU's utilisation and its peak mem
 Settings, for the backbone's ``configs/ml-1m/<backbone>[-tp].yaml``:
 - old: joint mini-batches of ``train.batch_size`` (256) made in the loop (``train.prefetch=0``);
   TP at the config's lanes × k × K (256 windows per outer step).
-- large: joint mini-batches of ``--batch`` windows made ``train.prefetch`` ahead on a thread
-  into pinned memory; TP at ``--lanes`` lanes × k × ``--inner-batch`` windows.
+- large: joint mini-batches of ``--batch`` windows, ``--row-stride`` windows to a row past a
+  user's first L (``train.row_stride``), made ``train.prefetch`` ahead on a thread into
+  pinned memory; TP at ``--lanes`` lanes × k × ``--inner-batch`` windows.
 - compiled (``--compile``): joint as large, with ``train.compile=default`` (the compiler's
   time falls in the untimed warm-up steps).
 
@@ -62,7 +63,7 @@ def case_config(backbone: str, method: str, setting: str, path: str, sampled: bo
     if setting == "old":
         overrides += ["train.prefetch=0"]
     elif method == "joint":
-        overrides += [f"train.batch_size={args.batch}"]
+        overrides += [f"train.batch_size={args.batch}", f"train.row_stride={args.row_stride}"]
         if setting == "compiled":
             overrides += ["train.compile=default"]
     else:
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="ml-1m,synth", help="ml-1m and/or synth")
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per case")
     ap.add_argument("--batch", type=int, default=16384, help="large: joint windows per step")
+    ap.add_argument("--row-stride", type=int, default=25, help="large: joint train.row_stride")
     ap.add_argument("--lanes", type=int, default=256, help="large: TP lanes")
     ap.add_argument("--inner-batch", type=int, default=8, help="large: TP windows per lane step")
     ap.add_argument("--items", type=int, default=1_000_000, help="the generated log's items")
