@@ -75,19 +75,25 @@ def _rows_to_windows(rows, all_positions: bool) -> set[tuple]:
     return out
 
 
+def _existing_users(items: list[np.ndarray]) -> UserSequences:
+    """Existing users 1..U with these item sequences."""
+    users = len(items)
+    return UserSequences(
+        user=np.arange(1, users + 1, dtype=np.int32),
+        is_new=np.zeros(users, bool),
+        is_head=np.zeros(users, bool),
+        offsets=np.concatenate([[0], np.cumsum([len(x) for x in items])]),
+        items=np.concatenate(items).astype(np.int32),
+    )
+
+
 @pytest.mark.parametrize("all_positions", [True, False])
 def test_training_rows_are_exactly_the_papers_windows(all_positions):
     rng = np.random.default_rng(0)
     lengths = [3, 4, 7, 12, 25]
     # distinct items per user so each (window, target) pair is unique
     items = [rng.choice(np.arange(1, 500), n, replace=False) for n in lengths]
-    seqs = UserSequences(
-        user=np.arange(1, 6, dtype=np.int32),
-        is_new=np.zeros(5, bool),
-        is_head=np.zeros(5, bool),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        items=np.concatenate(items).astype(np.int32),
-    )
+    seqs = _existing_users(items)
     rows = training_rows(seqs, max_len=5, all_positions=all_positions)
     expected = set().union(*(_brute_force_windows(list(s), 5) for s in items))
     assert _rows_to_windows(rows, all_positions) == expected
@@ -102,14 +108,7 @@ def test_strided_rows_hold_every_window_once_with_at_least_l_minus_s_plus_1_item
     rng = np.random.default_rng(0)
     lengths = [3, 4, 7, 12, 25, 31]
     distinct = rng.permutation(np.arange(1, 500))  # no item twice, in any user: targets are keys
-    items = np.split(distinct[: sum(lengths)], np.cumsum(lengths)[:-1])
-    seqs = UserSequences(
-        user=np.arange(1, 7, dtype=np.int32),
-        is_new=np.zeros(6, bool),
-        is_head=np.zeros(6, bool),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        items=np.concatenate(items).astype(np.int32),
-    )
+    seqs = _existing_users(np.split(distinct[: sum(lengths)], np.cumsum(lengths)[:-1]))
     exact = training_rows(seqs, max_len=5, all_positions=True)
     one = training_rows(seqs, max_len=5, all_positions=True, stride=1)
     assert np.array_equal(one.inputs, exact.inputs) and np.array_equal(one.targets, exact.targets)
