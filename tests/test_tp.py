@@ -370,3 +370,16 @@ def test_tp_with_sampled_softmax_learns(prepared, tmp_path, negatives):
     metrics = run_training(cfg, tmp_path / "tp")
     for role in ("existing", "new"):
         assert metrics[role]["all"]["HR@10"] > init["test"][role]["all"]["HR@10"]
+
+
+def test_lane_unique_is_each_lanes_sorted_unique_padded_with_its_largest():
+    from dist_tp.algorithms.tp.lanes import lane_unique
+
+    gen = torch.Generator().manual_seed(0)
+    for lanes, width, high in [(1, 5, 3), (7, 40, 30), (64, 200, 5000)]:
+        ids = torch.randint(0, high, (lanes, width), generator=gen)
+        ids[0, :] = 2  # a lane with one distinct id
+        rows = [torch.unique(ids[m]) for m in range(lanes)]
+        widest = max(len(r) for r in rows)
+        expected = torch.stack([torch.cat([r, r[-1:].expand(widest - len(r))]) for r in rows])
+        assert torch.equal(lane_unique(ids), expected)

@@ -266,10 +266,7 @@ class InnerLoop:
             [inputs.reshape(lanes, -1), targets.reshape(lanes, -1), negatives.reshape(lanes, -1)],
             dim=1,
         )  # [M, X]
-        rows = [torch.unique(torch.cat([ids[m], ids.new_zeros(1)])) for m in range(lanes)]
-        width = max(len(r) for r in rows)
-        # pad by repeating the last row: stays sorted; the copies are never referenced
-        touched = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
+        touched = lane_unique(torch.cat([ids, ids.new_zeros(lanes, 1)], dim=1))
 
         def local(x: Tensor) -> Tensor:
             flat = x.reshape(lanes, -1)
@@ -399,6 +396,19 @@ class InnerLoop:
             touched_rows=0 if touched is None else touched.shape[1],
         )
         return grads, dgrads, stats
+
+
+def lane_unique(ids: Tensor) -> Tensor:
+    """Each lane's distinct ids, sorted, ``[M, T]`` (T the most any lane has), a lane with
+    fewer padded by repeating its largest (stays sorted; the copies are never referenced).
+    One sort over all lanes, not a ``unique`` per lane (each of which waits for a GPU)."""
+    ordered = ids.sort(dim=1).values  # [M, X]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # the first of each run of equal ids
+    slot = first.cumsum(1) - 1  # [M, X] where each distinct id goes in its lane's row
+    width = int(slot[:, -1].max()) + 1
+    out = ordered[:, -1:].expand(len(ids), width).clone()
+    return out.scatter_(1, slot, ordered)  # a run's copies all write the same id
 
 
 def _take(x: Tensor, idx: Tensor | None) -> Tensor:
