@@ -73,9 +73,9 @@ def test_a_seeds_own_source_run_is_one_variant(tmp_path):
     records[2].params["train.init_from"] = "runs/sasrec_seed1"  # seed 10 from seed 1's run
     records[4].params["train.init_from"] = ""  # the default: as seed 0, tracked before the key
     labels = [row.label for row in make_rows(records)]
-    assert labels == ["SASRec-TP init_from=", "SASRec-TP init_from=runs/sasrec_seed1",
+    assert labels == ['SASRec-TP init_from=""', "SASRec-TP init_from=runs/sasrec_seed1",
                       "SASRec-TP init_from=runs/sasrec_seed{seed}"]  # fmt: skip
-    (fresh,) = [row for row in make_rows(records) if row.label == "SASRec-TP init_from="]
+    (fresh,) = [row for row in make_rows(records) if row.label == 'SASRec-TP init_from=""']
     assert [r.seed for r in fresh.runs] == [0, 1]
 
 

@@ -141,6 +141,10 @@ def _param(run: RunRecord, key: str) -> str | None:
     return value
 
 
+EMPTY = '""'
+"""How a variant's label shows a parameter that is empty (``train.init_from`` left out)."""
+
+
 def make_rows(runs: list[RunRecord], ignore: tuple[str, ...] | list[str] = ()) -> list[Row]:
     """Group runs into rows: (dataset, backbone, method) and the parameters that vary within
     that group (besides the seed, and the keys in ``ignore``) name the variant. A row keeps
@@ -159,7 +163,7 @@ def make_rows(runs: list[RunRecord], ignore: tuple[str, ...] | list[str] = ()) -
         ]
         by_variant: dict[str, dict[int, RunRecord]] = defaultdict(dict)
         for r in members:
-            name = " ".join(f"{k.split('.')[-1]}={_param(r, k)}" for k in varying)
+            name = " ".join(f"{k.split('.')[-1]}={_param(r, k) or EMPTY}" for k in varying)
             by_variant[name].setdefault(r.seed, r)
         for variant, vruns in by_variant.items():
             rows.append(Row(dataset, backbone, method, variant, sorted(vruns.values(), key=_seed)))
