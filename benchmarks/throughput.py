@@ -1,6 +1,7 @@
 """Training throughput (windows/s) per backbone and loss, and full-ranking evaluation time.
 
     .venv/bin/python benchmarks/throughput.py [--seconds 20] [--threads 2] [--device cuda] [--bf16]
+        [--compile]
 
 Also times TP (configs' ``tp`` defaults: 16 lanes × k = 2 × K = 32 windows per outer step):
 an epoch has as many windows either way, so TP epoch / joint epoch = joint rate / TP rate.
@@ -130,6 +131,11 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="also joint training under bf16 autocast (a GPU's)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also joint training with train.compile=default (compiled in the warm-up steps)",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.datasets.split(",")) - set(DATASETS))
     if unknown:
@@ -147,11 +153,12 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
         padded = " | TP padded windows/s | TP padded epoch / joint epoch" if args.padded else ""
         padded += " | joint bf16 windows/s | bf16 / fp32" if args.bf16 else ""
+        padded += " | joint compiled windows/s | compiled / eager" if args.compile else ""
         print(
             "| backbone | data | loss | joint windows/s | RecBole (CE) | ratio to RecBole "
             f"| TP windows/s | TP epoch / joint epoch{padded} |"
         )
-        print("| --- " * (8 + 2 * args.padded + 2 * args.bf16) + "|")
+        print("| --- " * (8 + 2 * args.padded + 2 * args.bf16 + 2 * args.compile) + "|")
         for backbone in args.backbones.split(","):
             for data in datasets:
                 for loss in args.losses.split(","):
@@ -171,13 +178,23 @@ def main() -> None:
                              "train.precision=bf16"],
                         )  # fmt: skip
                         runs.append(joint_steps(half, device))
+                    if args.compile:
+                        compiled = load_config(
+                            REPO / "configs" / data / f"{backbone}.yaml",
+                            [f"data.path={paths[data]}", f"train.loss={loss}",
+                             "train.compile=default"],
+                        )  # fmt: skip
+                        runs.append(joint_steps(compiled, device))
                     timed = rates(runs, args.seconds, device=device)
+                    compiled_rate = timed.pop() if args.compile else float("nan")
                     half_rate = timed.pop() if args.bf16 else float("nan")
                     rate, tp, slow = [*timed, float("nan"), float("nan")][:3]
                     ref = RECBOLE.get((backbone, data)) if loss == "ce" else None
                     ratio = f"{rate / ref:.1f}x" if ref else "-"
                     extra = f" | {slow:,.0f} | {rate / slow:.2f}" if args.padded else ""
                     extra += f" | {half_rate:,.0f} | {half_rate / rate:.2f}" if args.bf16 else ""
+                    if args.compile:
+                        extra += f" | {compiled_rate:,.0f} | {compiled_rate / rate:.2f}"
                     print(
                         f"| {backbone} | {data} | {loss} | {rate:,.0f} | {ref or '-'} | {ratio} "
                         f"| {tp:,.0f} | {rate / tp:.2f}{extra} |",
