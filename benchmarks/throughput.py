@@ -49,6 +49,9 @@ RECBOLE = {  # training windows/s, RecBole 1.2.1, 2 CPU cores, CE loss
 }
 
 
+COMPILE_WARMUP = 60  # untimed steps of --compile's run: the compiler runs again on new shapes
+
+
 def joint_steps(cfg, device: torch.device):
     """The joint training step, endlessly: yields the windows of each mini-batch it trained.
     The product's own stepper (its loss, optimizer and ``train.item_updates`` choice), one
@@ -88,6 +91,14 @@ def tp_steps(cfg, device: torch.device, bucketing: bool = True):
         stepper.outer_step(0, step)
         step += 1
         yield stepper.windows_per_step
+
+
+def case_config(backbone: str, data: str, path: str, loss: str, *extra: str):
+    """``configs/<data>/<backbone>.yaml`` on the prepared ``path`` with ``loss``, and ``extra``."""
+    return load_config(
+        REPO / "configs" / data / f"{backbone}.yaml",
+        [f"data.path={path}", f"train.loss={loss}", *extra],
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -162,29 +173,21 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             for data in datasets:
                 for loss in args.losses.split(","):
-                    cfg = load_config(
-                        REPO / "configs" / data / f"{backbone}.yaml",
-                        [f"data.path={paths[data]}", f"train.loss={loss}", "train.progress=false"],
-                    )
+                    case = (backbone, data, paths[data], loss)
+                    cfg = case_config(*case, "train.progress=false")
                     runs = [joint_steps(cfg, device)]
                     if args.tp:
                         runs.append(tp_steps(cfg, device))
                     if args.tp and args.padded:
                         runs.append(tp_steps(cfg, device, bucketing=False))
                     if args.bf16:
-                        half = load_config(
-                            REPO / "configs" / data / f"{backbone}.yaml",
-                            [f"data.path={paths[data]}", f"train.loss={loss}",
-                             "train.precision=bf16"],
-                        )  # fmt: skip
-                        runs.append(joint_steps(half, device))
+                        runs.append(joint_steps(case_config(*case, "train.precision=bf16"), device))
                     if args.compile:
-                        compiled = load_config(
-                            REPO / "configs" / data / f"{backbone}.yaml",
-                            [f"data.path={paths[data]}", f"train.loss={loss}",
-                             "train.compile=default"],
-                        )  # fmt: skip
-                        runs.append(joint_steps(compiled, device))
+                        runs.append(
+                            joint_steps(case_config(*case, "train.compile=default"), device)
+                        )
+                        for _ in range(COMPILE_WARMUP):  # past the compiler and its recompiles
+                            next(runs[-1])
                     timed = rates(runs, args.seconds, device=device)
                     compiled_rate = timed.pop() if args.compile else float("nan")
                     half_rate = timed.pop() if args.bf16 else float("nan")
