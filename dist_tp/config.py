@@ -115,15 +115,16 @@ class TrainConfig:
     (the paper's examples; on the ML-1M part 1.4 windows per row, since most users are long).
     S > 1: S consecutive ones share a row of L items ending at the last of them, so each
     sees between L − S + 1 and L items before it, and there are about S times fewer rows to
-    encode (``benchmarks/RESULTS.md``, "Packed rows"). Caser (one window per row) and TP
+    encode (``benchmarks/RESULTS.md``, "Large steps"). Caser (one window per row) and TP
     ignore it."""
     lr: float = 1e-3
     lr_scaling: str = "none"
     """How the learning rate follows the windows B of one optimizer step over all ranks (joint:
     ``batch_size`` × ranks; TP: lanes × k × ``users_per_step`` × ``inner_batch`` × ranks):
     ``none`` (``lr`` as given), ``sqrt`` (``lr`` × (B / ``lr_batch``)^½) or ``linear``
-    (``lr`` × B / ``lr_batch``). For large GPU batches: a config tuned at 256 windows per
-    step keeps its meaning at 8,192 (``benchmarks/RESULTS.md``, "Large batches")."""
+    (``lr`` × B / ``lr_batch``). For large GPU batches: with ``sqrt``, SASRec on Amazon Music
+    at 2,048 windows per step scored as at 256, in about as many epochs
+    (``benchmarks/RESULTS.md``, "Large steps")."""
     lr_batch: int = 256
     """The windows per step that ``lr`` was tuned for (``lr_scaling``)."""
     weight_decay: float = 0.0
@@ -168,8 +169,9 @@ class TrainConfig:
     compile: str = "none"
     """Joint training's forward and loss through ``torch.compile`` (dynamic shapes): ``none``,
     or its mode: ``default``, ``reduce-overhead`` or ``max-autotune``. Meant for GPUs, where
-    small steps are bound by kernel launches; the first steps wait for the compiler (minutes
-    on a CPU, where it was measured no faster: ``benchmarks/RESULTS.md``, "Large batches").
+    small steps are bound by kernel launches; the first steps wait for the compiler, and new
+    shapes may compile again (on a CPU it made SASRec slower: ``benchmarks/RESULTS.md``,
+    "Large steps").
     Plain engine, joint method only."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
