@@ -128,9 +128,8 @@ def _training_rows(
     )  # the stride's last target, or the user's last
     ends = target_pos[last]  # [R'] each row's last target
     owners = user_of[last]
-    counts = np.where(
-        (relative[last] - max_len) % stride == 0, stride, (relative[last] - max_len) % stride
-    )  # targets in the row: a full stride, or what is left of the user's last one
+    left = (relative[last] - max_len) % stride
+    counts = np.where(left == 0, stride, left)  # a full stride, or what the user's last one has
     tail_in = windows(flat, ends, starts[owners], max_len)
     tail_tg = windows(flat, ends + 1, starts[owners] + 1, max_len)
     tail_tg[np.arange(max_len) < (max_len - counts)[:, None]] = 0  # context-only positions
