@@ -539,12 +539,14 @@ def test_a_killed_lock_holder_does_not_block_and_no_lock_file_stays(tmp_path):
 
 
 SLOW_PREPARE = """
-import sys, time
+import os, sys, time
 import dist_tp.data.prepare as p
-real, delay = p.write_items, float(sys.argv[3])
+real, go = p.write_items, sys.argv[3]  # go: a file to wait for before writing ("-": none)
 def slow(*a, **k):
     print("WRITING", flush=True)
-    time.sleep(delay)
+    deadline = time.monotonic() + 120
+    while go != "-" and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return real(*a, **k)
 p.write_items = slow
 sys.argv = ["dist-tp", "prepare", "--input", sys.argv[1], "--format", "ml-1m",
@@ -561,8 +563,9 @@ def test_two_concurrent_prepares_into_one_output(tmp_path):
     src.write_bytes(ML1M)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    go = tmp_path / "go"  # the first writes once the second has been refused, however slow
     first = subprocess.Popen(
-        [sys.executable, "-c", SLOW_PREPARE, str(src), str(out), "3"],
+        [sys.executable, "-c", SLOW_PREPARE, str(src), str(out), str(go)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -571,14 +574,16 @@ def test_two_concurrent_prepares_into_one_output(tmp_path):
     try:
         assert first.stdout.readline().strip() == "WRITING"
         second = subprocess.run(
-            [sys.executable, "-c", SLOW_PREPARE, str(src), str(out), "0"],
+            [sys.executable, "-c", SLOW_PREPARE, str(src), str(out), "-"],
             capture_output=True,
             text=True,
             env=env,
             timeout=120,
         )
     finally:
+        go.touch()
         first_out, first_err = first.communicate(timeout=120)
+    go.unlink()
     assert second.returncode == 2, second.stderr
     assert second.stderr.strip().splitlines() == [
         f"error: {out}: another 'dist-tp prepare' (pid {first.pid}) is writing it; "

@@ -92,3 +92,37 @@ def test_a_folder_with_only_a_config_is_not_a_run(prepared, tmp_path):
     cfg = load_config(TINY, [f"data.path={prepared('ml-100k')}", "train.epochs=1"])
     run_training(cfg, tmp_path)
     assert "old" not in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_folder_in_use_by_another_training_is_refused(finished, tmp_path, capsys):
+    """Two trainings into one folder would interleave their checkpoints (and the second's
+    start removes the first's temp files): the second stops at once, naming the folder."""
+    from dist_tp.run.folder_lock import hold_run_folder
+
+    out, args = finished
+    copy = tmp_path / "copy"
+    held = hold_run_folder(copy)  # what a live `dist-tp train --output copy` holds
+    try:
+        code = main(["train", str(TINY), *args, "--output", str(copy), "--resume"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{copy} is in use by another training (pid " in err
+        assert not (copy / "metrics.json").exists()  # nothing trained, nothing written
+    finally:
+        held.release()
+    assert main(["train", str(TINY), *args, "--output", str(copy), "--resume"]) == 0
+    assert (copy / "metrics.json").is_file()
+
+
+def test_the_folder_lock_is_let_go_when_its_holder_ends(tmp_path):
+    import os
+
+    from dist_tp.run.folder_lock import hold_run_folder
+
+    out = tmp_path / "run"
+    first = hold_run_folder(out)
+    held_by_us = f"{out} is in use by another training .pid {os.getpid()}"
+    with pytest.raises(ConfigError, match=held_by_us):
+        hold_run_folder(out)
+    first.release()
+    hold_run_folder(out).release()  # free again
+    assert list(tmp_path.iterdir()) == []  # no lock file left, no folder made

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dist_tp.core.locks import Busy, LockFile
 from dist_tp.core.process import exit_now
 from dist_tp.data.errors import DataError
 from dist_tp.data.layout import user_table
@@ -115,55 +116,27 @@ class OutputLocked(DataError):
     """Another ``prepare`` is writing the same output."""
 
 
-class _OutputLock:
-    """An exclusive lock on ``output``: ``fcntl.flock`` on ``.<name>.lock`` beside it, removed
-    on release (a lock file left by a killed run is taken over, and removed, by the next).
-
-    Taking it is also the check that the output's folder is writable, done before any input
-    is read. A second holder is refused at once with one line."""
+class _OutputLock(LockFile):
+    """An exclusive lock on ``output`` (:class:`~dist_tp.core.locks.LockFile` on
+    ``.<name>.lock`` beside it). Taking it is also the check that the output's folder is
+    writable, done before any input is read. A second holder is refused at once with one
+    line."""
 
     def __init__(self, output: Path, shown: str) -> None:
-        self.path = output.parent / f".{output.name}.lock"
+        super().__init__(output.parent / f".{output.name}.lock")
         self.shown = shown
-        self.fd: int | None = None
 
     def __enter__(self) -> _OutputLock:
-        import fcntl
-
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise _unwritable(self.path.parent, exc) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise OutputLocked(
-                    f"{self.shown}: another 'dist-tp prepare' "
-                    f"(pid {holder}) is writing it; wait for it to finish"
-                ) from None
-            try:  # the file may have been removed by the holder we waited for: lock anew
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+        try:
+            self.acquire()
+        except Busy as busy:
+            raise OutputLocked(
+                f"{self.shown}: another 'dist-tp prepare' "
+                f"(pid {busy.holder}) is writing it; wait for it to finish"
+            ) from None
+        except OSError as exc:
+            raise _unwritable(self.path.parent, exc) from None
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            try:
-                self.path.unlink()  # while still holding the lock: see __enter__
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
 
 
 def _unwritable(folder: Path, exc: OSError) -> DataError:

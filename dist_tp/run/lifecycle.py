@@ -19,6 +19,7 @@ from pathlib import Path
 from dist_tp.config import Config, ConfigError
 from dist_tp.parallel import closed, init_distributed, leave
 from dist_tp.run.checkpoints import RunCheckpoints
+from dist_tp.run.folder_lock import hold_run_folder
 from dist_tp.run.loop import run_training
 from dist_tp.tracking import make_tracker
 
@@ -61,6 +62,16 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
         logging.getLogger("dist_tp").setLevel(logging.WARNING)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = resume or restarted
+    # rank 0 writes the folder: no other training may write it meanwhile
+    held = hold_run_folder(out) if comm.is_main else None
+    try:
+        return _run_held(cfg, out, comm, resume=resume, overwrite=overwrite)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run_held(cfg: Config, out: Path, comm, *, resume: bool, overwrite: bool) -> Outcome:
     # before the tracker touches the folder's spool: is this the run to continue or start?
     RunCheckpoints(out, cfg, comm).check_start(resume=resume, overwrite=overwrite)
     tracker = make_tracker(cfg, out, is_main=comm.is_main, fresh=not resume)

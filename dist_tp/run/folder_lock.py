@@ -1,0 +1,32 @@
+"""One training per run folder at a time.
+
+Two trainings writing one folder would interleave their checkpoints, and the second's start
+removes the temp files the first is writing. The training that writes a folder (rank 0) holds
+:class:`~dist_tp.core.locks.LockFile` ``.<name>.lock`` beside it until it ends (removed then;
+a killed run's is taken over by the next), so the folder itself holds only the run's files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_tp.config import ConfigError
+from dist_tp.core.locks import Busy, LockFile
+
+
+def hold_run_folder(out: str | Path) -> LockFile:
+    """Lock run folder ``out`` for this process (its parent is created if missing), or raise
+    :class:`ConfigError` naming the folder and the pid of the training that holds it."""
+    out = Path(out)
+    where = out.resolve()
+    lock = LockFile(where.parent / f".{where.name}.lock")
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        return lock.acquire()
+    except Busy as busy:
+        raise ConfigError(
+            f"{out} is in use by another training (pid {busy.holder}): wait for it to end, "
+            "stop it, or choose another --output"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write beside it: {exc.strerror or exc}") from None
