@@ -99,21 +99,21 @@ def test_a_folder_in_use_by_another_training_is_refused(finished, tmp_path, caps
     start removes the first's temp files): the second stops at once, naming the folder."""
     from dist_tp.run.folder_lock import hold_run_folder
 
-    out, args = finished
-    copy = tmp_path / "copy"
-    held = hold_run_folder(copy)  # what a live `dist-tp train --output copy` holds
+    _, args = finished
+    run = tmp_path / "run"
+    held = hold_run_folder(run)  # what a live `dist-tp train --output run` holds
     try:
-        code = main(["train", str(TINY), *args, "--output", str(copy), "--resume"])
+        code = main(["train", str(TINY), *args, "--output", str(run), "--resume"])
         err = capsys.readouterr().err
-        assert code == 2 and f"{copy} is in use by another training (pid " in err
-        assert not (copy / "metrics.json").exists()  # nothing trained, nothing written
+        assert code == 2 and f"{run} is in use by another training (pid " in err
+        assert not (run / "metrics.json").exists()  # nothing trained, nothing written
     finally:
         held.release()
-    assert main(["train", str(TINY), *args, "--output", str(copy), "--resume"]) == 0
-    assert (copy / "metrics.json").is_file()
+    assert main(["train", str(TINY), *args, "--output", str(run), "--resume"]) == 0
+    assert (run / "metrics.json").is_file()
 
 
-def test_the_folder_lock_is_let_go_when_its_holder_ends(tmp_path):
+def test_the_folder_lock_is_let_go_on_release_and_leaves_nothing(tmp_path):
     import os
 
     from dist_tp.run.folder_lock import hold_run_folder

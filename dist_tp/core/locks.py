@@ -29,11 +29,16 @@ class Busy(Exception):
 
 class LockFile:
     """An exclusive lock on ``path``: :meth:`acquire` (raises :class:`Busy`, or ``OSError``
-    where the file cannot be made), :meth:`release` (idempotent); or ``with``."""
+    where the file cannot be made), :meth:`release` (idempotent)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fd: int | None = None
+
+    @classmethod
+    def beside(cls, output: Path) -> LockFile:
+        """The lock of ``output``: ``.<name>.lock`` in its parent folder."""
+        return cls(output.parent / f".{output.name}.lock")
 
     def acquire(self) -> LockFile:
         if fcntl is None:
@@ -66,9 +71,3 @@ class LockFile:
                 pass
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self) -> LockFile:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

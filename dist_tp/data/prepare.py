@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,27 +117,25 @@ class OutputLocked(DataError):
     """Another ``prepare`` is writing the same output."""
 
 
-class _OutputLock(LockFile):
-    """An exclusive lock on ``output`` (:class:`~dist_tp.core.locks.LockFile` on
-    ``.<name>.lock`` beside it). Taking it is also the check that the output's folder is
-    writable, done before any input is read. A second holder is refused at once with one
-    line."""
-
-    def __init__(self, output: Path, shown: str) -> None:
-        super().__init__(output.parent / f".{output.name}.lock")
-        self.shown = shown
-
-    def __enter__(self) -> _OutputLock:
-        try:
-            self.acquire()
-        except Busy as busy:
-            raise OutputLocked(
-                f"{self.shown}: another 'dist-tp prepare' "
-                f"(pid {busy.holder}) is writing it; wait for it to finish"
-            ) from None
-        except OSError as exc:
-            raise _unwritable(self.path.parent, exc) from None
-        return self
+@contextmanager
+def _output_lock(output: Path, shown: str):
+    """An exclusive lock on ``output`` (:meth:`LockFile.beside` it) while the block runs.
+    Taking it is also the check that the output's folder is writable, done before any input
+    is read. A second holder is refused at once with one line."""
+    lock = LockFile.beside(output)
+    try:
+        lock.acquire()
+    except Busy as busy:
+        raise OutputLocked(
+            f"{shown}: another 'dist-tp prepare' "
+            f"(pid {busy.holder}) is writing it; wait for it to finish"
+        ) from None
+    except OSError as exc:
+        raise _unwritable(output.parent, exc) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _unwritable(folder: Path, exc: OSError) -> DataError:
@@ -218,7 +217,7 @@ def prepare(
     check_output(shown)
     made = _make_parent(output.parent)
     try:
-        with _OutputLock(output, shown):
+        with _output_lock(output, shown):
             return _prepare_locked(
                 input_path=input_path,
                 fmt=fmt,

@@ -18,8 +18,8 @@ def hold_run_folder(out: str | Path) -> LockFile:
     """Lock run folder ``out`` for this process (its parent is created if missing), or raise
     :class:`ConfigError` naming the folder and the pid of the training that holds it."""
     out = Path(out)
-    where = out.resolve()
-    lock = LockFile(where.parent / f".{where.name}.lock")
+    where = out.resolve()  # "." has a name once resolved
+    lock = LockFile.beside(where)
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         return lock.acquire()
