@@ -168,10 +168,10 @@ class TrainConfig:
     run in float32; DeepSpeed takes bf16 from its JSON)."""
     compile: str = "none"
     """Joint training's forward and loss through ``torch.compile`` (dynamic shapes): ``none``,
-    or its mode: ``default``, ``reduce-overhead`` or ``max-autotune``. Meant for GPUs, where
-    small steps are bound by kernel launches; the first steps wait for the compiler, and new
-    shapes may compile again (on a CPU it made SASRec slower: ``benchmarks/RESULTS.md``,
-    "Large steps").
+    or its mode: ``default``, ``reduce-overhead`` or ``max-autotune``. The first steps wait
+    for the compiler, and new shapes may compile again. Measured slower where measured: SASRec
+    0.49x on a CPU, 0.20x of the eager rate at 16,384-window steps on an H200
+    (``benchmarks/RESULTS.md``, "Large steps", "On a GPU").
     Plain engine, joint method only."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
@@ -336,6 +336,13 @@ class TPConfig:
     """γ of ``user_sampling: power`` (0 = uniform, 1 = windows)."""
     lanes: int = 16
     """M independent inner loops from the same Θ, their pseudo-gradients averaged."""
+    buckets: str = "auto"
+    """How an inner step of lanes of different shapes (all-positions encoders: rows and
+    columns per lane) is run: ``cost``, lanes grouped into a few vmapped calls of similar
+    shape, by a cost model fitted on one CPU thread; ``one``, one call on the step's largest
+    shape, the lanes padded to it; ``auto``, ``cost`` on a CPU and ``one`` on a GPU, where each
+    call costs milliseconds of host time (on an H200 a 256-lane SASRec-TP step ran 8 calls per
+    inner step with its kernels busy 5% of the time; ``benchmarks/RESULTS.md``, "On a GPU")."""
     lambda_adv: float = 0.1
     """λ, weight of the adversarial term (gradient reversal into the encoder)."""
     discriminator: bool = True
@@ -369,6 +376,8 @@ class TPConfig:
         _check_at_least("tp", 1, **{f"disc_hidden[{i}]": h for i, h in enumerate(self.disc_hidden)})
         if self.compress not in ("none", "bf16", "fp16"):
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
+        if self.buckets not in ("auto", "cost", "one"):
+            raise ConfigError(f"tp.buckets must be auto, cost or one, got {self.buckets!r}")
         if self.user_sampling not in ("uniform", "windows", "power"):
             raise ConfigError(
                 "tp.user_sampling must be 'uniform', 'windows' or 'power', got "

@@ -211,6 +211,65 @@ def test_vectorised_bucket_split_equals_the_python_one(lanes):
     assert sorted(np.concatenate([m for m, _, _ in many]).tolist()) == list(range(lanes))
 
 
+def _shared_rows_loop(sampler, target_pos, lanes, k, per_step):
+    """The all-positions rows written out step by step, user by user, draw by draw."""
+    L = sampler.max_len
+    steps = target_pos.reshape(lanes * k, per_step, -1)
+    user_start = sampler.starts_of(steps)
+    per_step_rows, slots = [], []
+    for s in range(lanes * k):
+        rows, slot_row, slot_pos = [], [], []
+        for u in range(per_step):
+            start, tpos = user_start[s, u], steps[s, u]
+            offset = tpos - start
+            n = int(sampler.n_windows[np.searchsorted(sampler.starts, start)])
+            m = min(L, n)
+            if (offset <= L).any():
+                rows.append(sampler._windows(np.array([start + m]), np.array([start]))[0])
+                first = len(rows) - 1
+            late = {}
+            for off, t in zip(offset, tpos):
+                if off <= L:
+                    slot_row.append(first)
+                    slot_pos.append(L - m + off - 1)
+                    continue
+                if t not in late:
+                    rows.append(sampler._windows(np.array([t]), np.array([start]))[0])
+                    late[t] = len(rows) - 1
+                slot_row.append(late[t])
+                slot_pos.append(L - 1)
+        per_step_rows.append(rows)
+        slots.append((slot_row, slot_pos))
+    width = max(len(r) for r in per_step_rows)
+    out = np.zeros((lanes * k, width, L), dtype=np.int64)
+    for s, rows in enumerate(per_step_rows):
+        out[s, : len(rows)] = rows
+    slot_row = np.array([r for r, _ in slots]).reshape(lanes, k, -1)
+    slot_pos = np.array([p for _, p in slots]).reshape(lanes, k, -1)
+    return out.reshape(lanes, k, width, L), slot_row, slot_pos
+
+
+@pytest.mark.parametrize("per_step,inner_batch", [(1, 8), (2, 4), (3, 16)])
+def test_vectorised_shared_rows_equal_the_written_out_loop(per_step, inner_batch):
+    """Rows, slots and their order as the loop makes them: short and long users, repeated
+    draws of a target (with replacement), several users per step."""
+    sampler, lanes, k = tp_sampler(seed=per_step), 7, 2
+    rng = np.random.default_rng(inner_batch)
+    users = rng.integers(0, len(sampler), lanes * k * per_step)
+    picks = rng.integers(0, sampler.n_windows[users][:, None], (len(users), inner_batch))
+    target_pos = sampler.starts[users, None] + 1 + picks
+    got = sampler._shared_rows(target_pos, lanes, k, per_step)
+    want = _shared_rows_loop(sampler, target_pos, lanes, k, per_step)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    rows, slot_row, slot_pos = got  # and every window is its row up to its slot
+    windows = sampler._windows(target_pos, sampler.starts[users, None]).reshape(lanes, k, -1, 6)
+    for m, s, b in np.ndindex(*slot_row.shape):
+        seen = rows[m, s, slot_row[m, s, b], : slot_pos[m, s, b] + 1]
+        padded = np.concatenate([np.zeros(6 - len(seen), int), seen])
+        assert np.array_equal(padded, windows[m, s, b])
+
+
 def test_sgd_outer_step_with_lr_1_and_one_lane_lands_on_theta_k():
     cfg = tp_config(lanes=1, outer_optimizer="sgd")
     cfg.train.lr = 1.0  # TP's outer lr is train.lr
@@ -310,6 +369,20 @@ def test_the_trainer_picks_users_as_configured(monkeypatch):
     assert seen == [0.0, 1.0, 0.3]
     with pytest.raises(ConfigError, match="tp.user_sampling must be 'uniform', 'windows' or"):
         tp_config(user_sampling="head")
+
+
+def test_lane_buckets_follow_the_config_and_the_device():
+    from dist_tp.algorithms.tp.lanes import bucketing
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [bucketing(c, cpu) for c in ("auto", "cost", "one")] == [True, True, False]
+    assert [bucketing(c, gpu) for c in ("auto", "cost", "one")] == [False, True, False]
+    for choice, want in (("auto", True), ("one", False)):
+        cfg = tp_config(lanes=2, buckets=choice)
+        stepper = TPStepper(tp_setup(cfg)[0], cfg, sampler=tp_sampler())
+        assert stepper.inner.bucketing is want
+    with pytest.raises(ConfigError, match="tp.buckets must be auto, cost or one"):
+        tp_config(buckets="many")
 
 
 def test_auc():

@@ -95,6 +95,12 @@ def plan_buckets(
     return best_plan
 
 
+def bucketing(choice: str, device: torch.device) -> bool:
+    """Whether lanes of different shapes run in cost-planned buckets (``tp.buckets``): ``cost``
+    yes, ``one`` no (one padded call per inner step), ``auto`` on a CPU only."""
+    return choice == "cost" or (choice == "auto" and device.type != "cuda")
+
+
 VECTOR_DP_FROM = 32
 """Lane counts above this run the split's inner loop in numpy (the same plans, tested). One
 split (plan_buckets runs three per inner step), one thread, ``benchmarks/bucket_planner.py``:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from dist_tp.algorithms.base import OnStep, comm_and_host, register, step_lr
 from dist_tp.algorithms.tp.disc_metrics import disc_figures, discriminator_metrics
 from dist_tp.algorithms.tp.discriminator import Discriminator
-from dist_tp.algorithms.tp.lanes import InnerLoop
+from dist_tp.algorithms.tp.lanes import InnerLoop, bucketing
 from dist_tp.algorithms.tp.pool import UserPools
 from dist_tp.algorithms.tp.sampler import TaskSampler, load_part
 from dist_tp.config import Config
@@ -89,6 +89,7 @@ class TPStepper:
             sampling=cfg.train.negatives,
             row_tables=sparse,
             normalize=tp.normalize,
+            bucketing=bucketing(tp.buckets, module_device(model)),
         )
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
