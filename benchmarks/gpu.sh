@@ -17,4 +17,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-timeout "${LIMIT:-470}" "$PYTHON" benchmarks/gpu_step.py --compile "$@"
+timeout "${LIMIT:-470}" "$PYTHON" benchmarks/gpu_step.py --compile "${COMPILE-sasrec}" "$@"

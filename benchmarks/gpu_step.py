@@ -8,14 +8,18 @@ step's wall time spent in device kernels, the GPU's utilisation and its peak mem
 
 Settings, for the backbone's ``configs/ml-1m/<backbone>[-tp].yaml``:
 - old: joint mini-batches of ``train.batch_size`` (256) made in the loop (``train.prefetch=0``);
-  TP at the config's lanes × k × K (256 windows per outer step).
+  TP at the config's lanes × k × K (256 windows per outer step), lanes in cost-planned buckets
+  (``tp.buckets=cost``).
 - large: joint mini-batches of ``--batch`` windows, ``--row-stride`` windows to a row past a
   user's first L (``train.row_stride``), made ``train.prefetch`` ahead on a thread into
-  pinned memory; TP at ``--lanes`` lanes × k × ``--inner-batch`` windows.
-- compiled (``--compile``): joint as large, with ``train.compile=default``; its first
-  ``--compile-warmup`` steps are untimed (the compiler runs again as new shapes come: one
-  SASRec epoch on Music on the CPU recompiled once, when a mini-batch first passed 4,096
-  cells).
+  pinned memory; TP at ``--lanes`` lanes × k × ``--inner-batch`` windows, in one call per inner
+  step (``tp.buckets=auto``).
+- compiled (``--compile sasrec,...``, the backbones to compile): joint as large, with
+  ``train.compile=default``; its first ``--compile-warmup`` steps are untimed (the compiler
+  runs again as new shapes come: one SASRec epoch on Music on the CPU recompiled once, when a
+  mini-batch first passed 4,096 cells).
+
+Rows are printed as they are measured, so a run stopped at its limit keeps what it reached.
 
 Data: the ML-1M part (full-softmax ``ce``), and a generated log of ``--items`` items (``dist-tp
 synth``, prepared out of core) with sampled softmax: 128 popularity negatives shared by the
@@ -63,7 +67,7 @@ def case_config(backbone: str, method: str, setting: str, path: str, sampled: bo
     if sampled:
         overrides += SAMPLED
     if setting == "old":
-        overrides += ["train.prefetch=0"]
+        overrides += ["train.prefetch=0", "tp.buckets=cost"]
     elif method == "joint":
         overrides += [f"train.batch_size={args.batch}", f"train.row_stride={args.row_stride}"]
         if setting == "compiled":
@@ -130,7 +134,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backbones", default="sasrec,gru4rec,caser")
     ap.add_argument("--datasets", default="ml-1m,synth", help="ml-1m and/or synth")
-    ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per case")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per case")
     ap.add_argument("--batch", type=int, default=16384, help="large: joint windows per step")
     ap.add_argument("--row-stride", type=int, default=25, help="large: joint train.row_stride")
     ap.add_argument("--lanes", type=int, default=256, help="large: TP lanes")
@@ -138,14 +142,16 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1_000_000, help="the generated log's items")
     ap.add_argument("--events", type=int, default=5_000_000)
     ap.add_argument("--users", type=int, default=50_000)
-    ap.add_argument("--profile-steps", type=int, default=10)
-    ap.add_argument("--util-seconds", type=float, default=2.0)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--util-seconds", type=float, default=1.5)
     ap.add_argument("--no-tp", dest="tp", action="store_false")
     ap.add_argument(
         "--compile-warmup", type=int, default=30, help="untimed steps of a compiled case"
     )
     ap.add_argument(
-        "--compile", action="store_true", help="also joint at large batches, train.compile"
+        "--compile",
+        default="",
+        help="backbones also timed joint at large batches with train.compile (e.g. sasrec)",
     )
     ap.add_argument("--work", default=None, help="where to keep the prepared data")
     args = ap.parse_args()
@@ -156,7 +162,12 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, {args.seconds:g} s per case", flush=True)
     methods = ["joint", "tp"] if args.tp else ["joint"]
-    rows = []
+    compiled = [b for b in args.compile.split(",") if b]
+    print(
+        "\n| data | backbone | method | setting | windows per step | windows/s | vs old "
+        "| kernel share | GPU util % | peak GiB |"
+    )
+    print("| --- " * 10 + "|", flush=True)
     for data in args.datasets.split(","):
         started = time.perf_counter()
         if data == "synth":
@@ -171,7 +182,7 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             for method in methods:
                 settings = ["old", "large"]
-                if method == "joint" and args.compile:
+                if method == "joint" and backbone in compiled:
                     settings.append("compiled")
                 for setting in settings:
                     cfg = case_config(backbone, method, setting, path, sampled, args)
@@ -183,29 +194,22 @@ def main() -> None:
                 for _ in range(args.compile_warmup):
                     next(run)
         found = rates(runs, args.seconds, device=device)
+        old = {case[1:3]: rate for case, rate in zip(cases, found) if case[3] == "old"}
         for case, run, rate in zip(cases, runs, found):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             share = kernel_share(run, args.profile_steps, device)
             util = gpu_utilisation(run, args.util_seconds, device)
-            rows.append((*case, rate, share, util, peak_gib(device)))
-            print(f"  {case}: {rate:,.0f} windows/s", flush=True)
+            data, backbone, method, setting, per_step = case
+            print(  # row by row: a run stopped at its limit keeps the rows it reached
+                f"| {data} | {backbone} | {method} | {setting} | {per_step:,} | {rate:,.0f} "
+                f"| {rate / old[(backbone, method)]:.2f}x | {fmt(share, '.0%')} "
+                f"| {fmt(util, '.0f')} | {fmt(peak_gib(device), '.2f')} |",
+                flush=True,
+            )
         del runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print()
-    print(
-        "| data | backbone | method | setting | windows per step | windows/s | vs old "
-        "| kernel share | GPU util % | peak GiB |"
-    )
-    print("| --- " * 10 + "|")
-    old = {r[:3]: r[5] for r in rows if r[3] == "old"}
-    for data, backbone, method, setting, per_step, rate, share, util, peak in rows:
-        print(
-            f"| {data} | {backbone} | {method} | {setting} | {per_step:,} | {rate:,.0f} "
-            f"| {rate / old[(data, backbone, method)]:.2f}x | {fmt(share, '.0%')} "
-            f"| {fmt(util, '.0f')} | {fmt(peak, '.2f')} |"
-        )
 
 
 if __name__ == "__main__":
