@@ -86,11 +86,13 @@ def tp_steps(cfg, device: torch.device, bucketing: bool = True):
     model = build(cfg, open_prepared(cfg.data.path)).to(device)
     stepper = TPStepper(model, cfg)
     stepper.inner.bucketing = bucketing and stepper.inner.bucketing
-    step = 0
-    while True:
-        stepper.outer_step(0, step)
-        step += 1
-        yield stepper.windows_per_step
+    epoch = 0
+    while True:  # lane batches drawn ahead on a thread (train.prefetch), as in training
+        with stepper.batches(epoch) as batch_at:
+            for step in range(stepper.steps_per_epoch):
+                stepper.outer_step(epoch, step, batch_at(step))
+                yield stepper.windows_per_step
+        epoch += 1
 
 
 def case_config(backbone: str, data: str, path: str, loss: str, *extra: str):

@@ -143,8 +143,10 @@ class TrainConfig:
     """torch intra-op threads; 0 keeps torch's default."""
     prefetch: int = 2
     """Joint training: mini-batches made ahead on a background thread (rows, shuffles and, on a
-    GPU, pinned host memory for an asynchronous copy) while the device runs the step; 0 makes
-    each one in the training loop. The batches and results are the same either way."""
+    GPU, pinned host memory for an asynchronous copy) while the device runs the step; TP: the
+    next outer step's lane batch drawn on a thread (users held whole, not in ``tp.pool_users``
+    pools); 0 makes each one in the training loop. The batches and results are the same
+    either way."""
     checkpoint_every: int = 0
     """Also write ``last.pt`` every this many steps (TP: outer steps; joint: mini-batches),
     from which ``--resume`` continues mid-epoch exactly; 0: at epoch ends only."""

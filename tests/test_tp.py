@@ -332,6 +332,37 @@ def test_lambda_zero_leaves_the_encoder_as_without_discriminator():
         assert torch.equal(results[0][name], results[1][name]), name
 
 
+def test_lane_batches_drawn_ahead_on_a_thread_give_the_same_epoch(monkeypatch):
+    import threading
+
+    where = []
+    sample_step = TPStepper.sample_step
+
+    def recorded(self, *args):
+        where.append(threading.current_thread().name)
+        return sample_step(self, *args)
+
+    monkeypatch.setattr(TPStepper, "sample_step", recorded)
+    results = []
+    for prefetch in (0, 2):
+        cfg = tp_config(lanes=2, inner_batch=2)
+        cfg.model.dropout = 0.2  # the thread must not take the dropout's random numbers
+        cfg.train.method, cfg.train.prefetch = "tp", prefetch  # 12 windows per outer step
+        model, _ = tp_setup(cfg)
+        stepper = TPStepper(model, cfg, sampler=tp_sampler())
+        assert stepper.steps_per_epoch >= 4
+        where.clear()
+        record = stepper.run_epoch(0, start_step=1)  # a resumed epoch's first step too
+        assert len(where) == stepper.steps_per_epoch - 1
+        threads = {name.startswith("tp-sample") for name in where}
+        assert threads == ({True} if prefetch else {False})
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results.append((record["loss"], params))
+    assert results[0][0] == results[1][0]
+    for name, value in results[0][1].items():
+        assert torch.equal(value, results[1][1][name]), name
+
+
 def _user_frequencies(sampler, draws: int, **kwargs) -> np.ndarray:
     batch = sampler.sample(
         [np.random.default_rng(3)], k=draws, users_per_step=1, inner_batch=1, **kwargs

@@ -5,9 +5,12 @@ accuracy, AUC) like the model. The outer step's optimizer comes from the optimiz
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,7 +21,7 @@ from dist_tp.algorithms.tp.disc_metrics import disc_figures, discriminator_metri
 from dist_tp.algorithms.tp.discriminator import Discriminator
 from dist_tp.algorithms.tp.lanes import InnerLoop, bucketing
 from dist_tp.algorithms.tp.pool import UserPools
-from dist_tp.algorithms.tp.sampler import TaskSampler, load_part
+from dist_tp.algorithms.tp.sampler import LaneBatch, TaskSampler, load_part
 from dist_tp.config import Config
 from dist_tp.core.device import module_device
 from dist_tp.core.seeding import seed_step
@@ -186,20 +189,19 @@ class TPStepper:
     def modules(self) -> dict:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
 
-    def outer_step(self, epoch: int, step: int):
-        """One outer step; returns the inner loop's stats.
+    def sample_step(self, sampler: TaskSampler, epoch: int, step: int) -> LaneBatch:
+        """The lane batch of outer step ``step`` of ``epoch``, drawn from ``sampler``.
 
         Lane m of rank r draws from its own generator seeded by (seed, epoch, step, r·M + m),
-        so W ranks × M lanes sample exactly what one process with W·M lanes would.
-        """
+        so W ranks × M lanes sample exactly what one process with W·M lanes would, and the
+        batch depends on nothing else: it can be drawn ahead, on another thread."""
         tp, train = self.cfg.tp, self.cfg.train
-        seed_step(train.seed, epoch, step, self.comm.rank)  # dropout: exact mid-epoch resume
         first_lane = self.comm.rank * tp.lanes
         rngs = [
             np.random.default_rng([train.seed, epoch, step, first_lane + m])
             for m in range(tp.lanes)
         ]
-        batch = self.sampler_at(epoch, step).sample(
+        return sampler.sample(
             rngs,
             k=tp.k,
             users_per_step=tp.users_per_step,
@@ -209,11 +211,19 @@ class TPStepper:
             all_positions=self.model.supports_all_positions,
             lane_users=self.lane_users,
             user_power=tp.power,
-            negative_cdf=self._negative_cdf if self.cfg.train.negatives == "popularity" else None,
-            shared_negatives=self.cfg.train.shared_negatives,
+            negative_cdf=self._negative_cdf if train.negatives == "popularity" else None,
+            shared_negatives=train.shared_negatives,
             same_user=tp.same_user,
             distinct=tp.distinct_windows,
         )
+
+    def outer_step(self, epoch: int, step: int, batch: LaneBatch | None = None):
+        """One outer step on ``batch`` (None: :meth:`sample_step` of the step's users);
+        returns the inner loop's stats."""
+        tp, train = self.cfg.tp, self.cfg.train
+        seed_step(train.seed, epoch, step, self.comm.rank)  # dropout: exact mid-epoch resume
+        if batch is None:
+            batch = self.sample_step(self.sampler_at(epoch, step), epoch, step)
         grads, dgrads, stats = self.inner.pseudo_gradients(batch)
         ordered = [grads[n] for n, _ in self.model.named_parameters()]
         if self.disc is not None:
@@ -223,6 +233,19 @@ class TPStepper:
         if every and (step + 1) % every == 0:
             check_replicas(self.params, self.comm, step=step)
         return stats
+
+    @contextlib.contextmanager
+    def batches(self, epoch: int) -> Iterator[Callable[[int], LaneBatch | None]]:
+        """``batch_at(step)``: the step's lane batch drawn ahead on a thread (``train.prefetch``
+        > 0, users held whole rather than in pools), else None (drawn in the step)."""
+        if not self.cfg.train.prefetch or self.pools is not None:
+            yield lambda step: None
+            return
+        ahead = _Ahead(self, epoch)
+        try:
+            yield ahead.take
+        finally:
+            ahead.close()
 
     def run_epoch(self, epoch: int, start_step: int = 0, on_step: OnStep | None = None) -> dict:
         """Outer steps ``start_step..`` of the epoch; ``on_step(step, figures)`` after each
@@ -238,19 +261,20 @@ class TPStepper:
         show = self.cfg.train.progress and self.comm.is_main
         steps = range(start_step, self.steps_per_epoch)
         bar = tqdm(steps, desc=f"tp epoch {epoch}", disable=not show, leave=False)
-        for step in bar:
-            stats = self.outer_step(epoch, step)
-            losses.append(stats.pred_loss)
-            dlosses.append(stats.disc_loss)
-            logits.append(stats.disc_logits)
-            labels.append(stats.labels)
-            seconds = carried["seconds"] + time.perf_counter() - started
-            self._partial = (losses, dlosses, logits, labels, seconds)
-            if on_step is not None:
-                on_step(step, {"loss": stats.pred_loss, "disc_loss": stats.disc_loss})
-            done = (step + 1 - start_step) * self.windows_per_step * self.comm.world_size
-            rate = done / (seconds - carried["seconds"])  # all ranks' windows, as joint's
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
+        with self.batches(epoch) as batch_at:
+            for step in bar:
+                stats = self.outer_step(epoch, step, batch_at(step))
+                losses.append(stats.pred_loss)
+                dlosses.append(stats.disc_loss)
+                logits.append(stats.disc_logits)
+                labels.append(stats.labels)
+                seconds = carried["seconds"] + time.perf_counter() - started
+                self._partial = (losses, dlosses, logits, labels, seconds)
+                if on_step is not None:
+                    on_step(step, {"loss": stats.pred_loss, "disc_loss": stats.disc_loss})
+                done = (step + 1 - start_step) * self.windows_per_step * self.comm.world_size
+                rate = done / (seconds - carried["seconds"])  # all ranks' windows, as joint's
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", win_s=f"{rate:,.0f}", refresh=False)
         self._partial = None
         seconds = carried["seconds"] + time.perf_counter() - started
         windows = len(losses) * self.windows_per_step * self.comm.world_size  # all ranks
@@ -304,3 +328,33 @@ class TPStepper:
         if saved is None or len(saved) != self.comm.world_size:
             return None
         return saved[self.comm.rank]
+
+
+class _Ahead:
+    """The next outer step's lane batch drawn on a background thread while this one runs: the
+    sampling is numpy on the host, which a GPU would otherwise wait for. The batches are
+    those drawn in the loop (each depends only on the seed, the epoch and the step)."""
+
+    def __init__(self, stepper: TPStepper, epoch: int) -> None:
+        self.stepper, self.epoch = stepper, epoch
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tp-sample")
+        self.pending: tuple[int, Future] | None = None
+
+    def _submit(self, step: int) -> None:
+        sampler = self.stepper.sampler
+        job = self.pool.submit(self.stepper.sample_step, sampler, self.epoch, step)
+        self.pending = (step, job)
+
+    def take(self, step: int) -> LaneBatch:
+        """Step ``step``'s batch; the next step's starts drawing before this returns."""
+        if self.pending is None or self.pending[0] != step:
+            self._submit(step)
+        batch = self.pending[1].result()
+        if step + 1 < self.stepper.steps_per_epoch:
+            self._submit(step + 1)
+        else:
+            self.pending = None
+        return batch
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
