@@ -482,18 +482,18 @@ class Config:
                 f"({self.model.max_len}): a row holds L items"
             )
 
-    def step_windows(self) -> int:
-        """Windows one rank's optimizer step sees: joint ``batch_size`` (about), TP lanes × k ×
-        users_per_step × inner_batch."""
+    def step_windows(self, method: str | None = None) -> int:
+        """Windows one rank's optimizer step sees under ``method`` (default ``train.method``):
+        joint ``batch_size`` (about), TP lanes × k × users_per_step × inner_batch."""
         tp = self.tp
-        if self.train.method == "tp":
+        if (method or self.train.method) == "tp":
             return tp.lanes * tp.k * tp.users_per_step * tp.inner_batch
         return self.train.batch_size
 
-    def effective_lr(self, world_size: int = 1) -> float:
+    def effective_lr(self, world_size: int = 1, method: str | None = None) -> float:
         """``train.lr`` after ``train.lr_scaling`` for the windows of a step over all ranks."""
         train = self.train
-        ratio = self.step_windows() * world_size / train.lr_batch
+        ratio = self.step_windows(method) * world_size / train.lr_batch
         return train.lr * ratio ** LR_SCALING[train.lr_scaling]
 
 

@@ -234,8 +234,10 @@ def test_lr_scaling_follows_the_windows_per_step(prepared):
     cfg = tp_config("sasrec", "bce", lanes=2)  # 2 lanes × k 2 × K 4: 16 windows per step
     cfg.train.lr_scaling, cfg.train.lr_batch = "linear", 4
     model, _ = tp_setup(cfg)
+    assert cfg.train.method == "joint"  # TP's own windows all the same (benchmarks do this)
     stepper = TPStepper(model, cfg, sampler=tp_sampler())
-    expected = cfg.train.lr * cfg.step_windows() / 4
+    assert stepper.windows_per_step == cfg.step_windows("tp") == 2 * cfg.tp.k * cfg.tp.inner_batch
+    expected = cfg.train.lr * stepper.windows_per_step / 4
     assert stepper.outer.opt.param_groups[0]["lr"] == pytest.approx(expected)
     with pytest.raises(ConfigError, match="train.lr_scaling must be none, sqrt or linear"):
         load_config(None, ["train.lr_scaling=cubic"])

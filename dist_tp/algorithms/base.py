@@ -89,16 +89,16 @@ def comm_and_host(cfg, comm=None, host: Host | None = None) -> tuple[LocalComm, 
     return comm, host or build_host(cfg.train, comm)
 
 
-def step_lr(cfg, world_size: int) -> float:
-    """The optimizer's learning rate (``train.lr`` after ``train.lr_scaling``), logged when it
-    differs from ``train.lr``."""
-    lr = cfg.effective_lr(world_size)
+def step_lr(cfg, world_size: int, method: str) -> float:
+    """The learning rate of ``method``'s optimizer (``train.lr`` after ``train.lr_scaling``),
+    logged when it differs from ``train.lr``."""
+    lr = cfg.effective_lr(world_size, method)
     if lr != cfg.train.lr:
         log.info(
             "train.lr_scaling=%s: lr %g for %d windows per step (train.lr %g at %d)",
             cfg.train.lr_scaling,
             lr,
-            cfg.step_windows() * world_size,
+            cfg.step_windows(method) * world_size,
             cfg.train.lr,
             cfg.train.lr_batch,
         )

@@ -188,7 +188,7 @@ class JointStepper:
         self.opt = host.gradient_optimizer(
             JointLoss(model, cfg),
             OptimizerSpec(
-                lr=step_lr(cfg, self.comm.world_size),
+                lr=step_lr(cfg, self.comm.world_size, "joint"),
                 weight_decay=train.weight_decay,
                 grad_clip=train.grad_clip,
                 sparse_rows=tuple(f"model.{n}" for n in model.item_table_names()) if sparse else (),

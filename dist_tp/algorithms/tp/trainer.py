@@ -102,7 +102,7 @@ class TPStepper:
             self.modules(),
             OptimizerSpec(
                 # train.lr (tp.outer_lr, when given, equals it), after train.lr_scaling
-                lr=step_lr(cfg, self.comm.world_size),
+                lr=step_lr(cfg, self.comm.world_size, "tp"),
                 kind=tp.outer_optimizer,
                 compress=tp.compress,
                 sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
@@ -112,7 +112,8 @@ class TPStepper:
         if cfg.train.negatives != "uniform":
             model.set_item_popularity(self.data.training_counts())
             self._negative_cdf = model.neg_cdf.cpu().numpy()
-        self.windows_per_step = cfg.step_windows()
+        # lanes × k × users × K, whatever train.method says (benchmarks time TP on a joint config)
+        self.windows_per_step = cfg.step_windows("tp")
         # an epoch = as many windows as a joint epoch over all ranks' users
         total = self.comm.all_reduce_sum(torch.tensor(float(windows), dtype=torch.float64))
         self.steps_per_epoch = math.ceil(
