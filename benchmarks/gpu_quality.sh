@@ -5,16 +5,11 @@
 # the mean ± std, to set beside the converged 256-window figures of benchmarks/RESULTS.md
 # (existing HR@10 .3129 ± .0111).
 #   bash benchmarks/gpu_quality.sh [key=value overrides for all seeds]
-# env: PYTHON (as benchmarks/gpu.sh), DIST_TP_SHARED_DATA (../shared/data by default), BATCH
+# env: PYTHON (benchmarks/gpu_env.sh), DIST_TP_SHARED_DATA (../shared/data by default), BATCH
 # (16384), STRIDE (25), SEEDS ("0 1 2"), LIMIT (seconds per seed, 400), WORK (a temp folder),
 # OMP_NUM_THREADS (4).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+source "$(dirname "$0")/gpu_env.sh"
 SHARED=${DIST_TP_SHARED_DATA:-../shared/data}
 WORK=${WORK:-$(mktemp -d -t dist_tp-quality-XXXX)}
 DEVICE=${DEVICE:-cuda}

@@ -2,7 +2,7 @@
 backbone at the configs' settings ("old") and at large ones ("large"), with the share of the
 step's wall time spent in device kernels, the GPU's utilisation and its peak memory.
 
-    bash benchmarks/gpu.sh                  # one GPU, at most 8 minutes, prints the table
+    bash benchmarks/gpu.sh                  # one GPU, stops at LIMIT (470 s), a row per case
     .venv/bin/python benchmarks/gpu_step.py --device cpu --seconds 1 --backbones sasrec \\
         --datasets ml-1m --batch 2048 --lanes 32     # a dry run of the same code on the CPU
 
