@@ -28,7 +28,9 @@ RUNGS=(
   "$C/$B.yaml --grid train.balance=power"                    # 6. the backbone, users weigh n_u^0.5
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power"  # 7. rung 4, users drawn ∝ n_u^0.5
   "$C/$B-tp.yaml train.init_from=results/ladder/$DATA/${B}_seed{seed}"  # 8. the -tp config
-)                                                            #    from rung 1's weights
+                                                             #    from rung 1's weights
+  "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power --grid tp.user_power=0.75"
+)                                                            # 9. rung 7 at γ = 0.75
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
