@@ -67,7 +67,7 @@ def case_config(backbone: str, method: str, setting: str, path: str, sampled: bo
     if sampled:
         overrides += SAMPLED
     if setting == "old":
-        overrides += ["train.prefetch=0", "tp.buckets=cost"]
+        overrides += ["train.prefetch=0"] + (["tp.buckets=cost"] if method == "tp" else [])
     elif method == "joint":
         overrides += [f"train.batch_size={args.batch}", f"train.row_stride={args.row_stride}"]
         if setting == "compiled":

@@ -88,10 +88,9 @@ def tp_steps(cfg, device: torch.device, bucketing: bool = True):
     stepper.inner.bucketing = bucketing and stepper.inner.bucketing
     epoch = 0
     while True:  # lane batches drawn ahead on a thread (train.prefetch), as in training
-        with stepper.batches(epoch) as batch_at:
-            for step in range(stepper.steps_per_epoch):
-                stepper.outer_step(epoch, step, batch_at(step))
-                yield stepper.windows_per_step
+        for step, batch in enumerate(stepper.lane_batches(epoch)):
+            stepper.outer_step(epoch, step, batch)
+            yield stepper.windows_per_step
         epoch += 1
 
 

@@ -173,7 +173,7 @@ class TrainConfig:
     or its mode: ``default``, ``reduce-overhead`` or ``max-autotune``. The first steps wait
     for the compiler, and new shapes may compile again. Measured slower where measured: SASRec
     0.49x on a CPU, 0.20x of the eager rate at 16,384-window steps on an H200
-    (``benchmarks/RESULTS.md``, "Large steps", "On a GPU").
+    (``benchmarks/RESULTS.md``, "Large steps", "Large steps measured on one H200").
     Plain engine, joint method only."""
     engine: str = "plain"
     """``plain`` (torch optimizers; DDP for joint training under torchrun) or ``deepspeed``
@@ -343,8 +343,9 @@ class TPConfig:
     columns per lane) is run: ``cost``, lanes grouped into a few vmapped calls of similar
     shape, by a cost model fitted on one CPU thread; ``one``, one call on the step's largest
     shape, the lanes padded to it; ``auto``, ``cost`` on a CPU and ``one`` on a GPU, where each
-    call costs milliseconds of host time (on an H200 a 256-lane SASRec-TP step ran 8 calls per
-    inner step with its kernels busy 5% of the time; ``benchmarks/RESULTS.md``, "On a GPU")."""
+    call costs 15–20 ms of host time (``benchmarks/tp_host.py``) and a 256-lane SASRec-TP step
+    of 8 calls per inner step kept an H200's kernels busy 5% of the time
+    (``benchmarks/RESULTS.md``, "Large steps measured on one H200")."""
     lambda_adv: float = 0.1
     """λ, weight of the adversarial term (gradient reversal into the encoder)."""
     discriminator: bool = True

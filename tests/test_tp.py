@@ -215,7 +215,7 @@ def _shared_rows_loop(sampler, target_pos, lanes, k, per_step):
     """The all-positions rows written out step by step, user by user, draw by draw."""
     L = sampler.max_len
     steps = target_pos.reshape(lanes * k, per_step, -1)
-    user_start = sampler.starts_of(steps)
+    user_start = sampler.starts[sampler.users_of(steps)]
     per_step_rows, slots = [], []
     for s in range(lanes * k):
         rows, slot_row, slot_pos = [], [], []
@@ -333,6 +333,8 @@ def test_lambda_zero_leaves_the_encoder_as_without_discriminator():
 
 
 def test_lane_batches_drawn_ahead_on_a_thread_give_the_same_epoch(monkeypatch):
+    """run_epoch's batches, drawn in the loop or ahead on a thread, are the ones each outer
+    step draws for itself (steps called one by one, no batch given)."""
     import threading
 
     where = []
@@ -342,25 +344,27 @@ def test_lane_batches_drawn_ahead_on_a_thread_give_the_same_epoch(monkeypatch):
         where.append(threading.current_thread().name)
         return sample_step(self, *args)
 
-    monkeypatch.setattr(TPStepper, "sample_step", recorded)
-    results = []
-    for prefetch in (0, 2):
+    def stepper_for(prefetch: int) -> TPStepper:
         cfg = tp_config(lanes=2, inner_batch=2)
         cfg.model.dropout = 0.2  # the thread must not take the dropout's random numbers
         cfg.train.method, cfg.train.prefetch = "tp", prefetch  # 12 windows per outer step
-        model, _ = tp_setup(cfg)
-        stepper = TPStepper(model, cfg, sampler=tp_sampler())
-        assert stepper.steps_per_epoch >= 4
+        return TPStepper(tp_setup(cfg)[0], cfg, sampler=tp_sampler())
+
+    reference = stepper_for(0)
+    assert reference.steps_per_epoch >= 4
+    steps = range(1, reference.steps_per_epoch)  # a resumed epoch: from its second step
+    losses = [reference.outer_step(0, step).pred_loss for step in steps]
+    monkeypatch.setattr(TPStepper, "sample_step", recorded)
+    for prefetch in (0, 2):
+        stepper = stepper_for(prefetch)
         where.clear()
-        record = stepper.run_epoch(0, start_step=1)  # a resumed epoch's first step too
-        assert len(where) == stepper.steps_per_epoch - 1
-        threads = {name.startswith("tp-sample") for name in where}
-        assert threads == ({True} if prefetch else {False})
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        results.append((record["loss"], params))
-    assert results[0][0] == results[1][0]
-    for name, value in results[0][1].items():
-        assert torch.equal(value, results[1][1][name]), name
+        record = stepper.run_epoch(0, start_step=1)
+        assert len(where) == len(steps)
+        off_main = {name != threading.main_thread().name for name in where}
+        assert off_main == ({True} if prefetch else {False})
+        assert record["loss"] == float(np.mean(losses))
+        for (name, value), ref in zip(stepper.model.named_parameters(), reference.params):
+            assert torch.equal(value, ref), name
 
 
 def _user_frequencies(sampler, draws: int, **kwargs) -> np.ndarray:

@@ -233,10 +233,11 @@ class TaskSampler:
         L = self.max_len
         steps = target_pos.reshape(lanes * k, per_step, -1)  # [S, P, K]
         n_steps, K = len(steps), steps.shape[-1]
-        user_start = self.starts_of(steps)  # [S, P]
+        users = self.users_of(steps)  # [S, P]
+        user_start = self.starts[users]
         offset = steps - user_start[..., None]  # target index within the user, >= 1
         early = offset <= L  # [S, P, K]
-        m = np.minimum(L, self.n_windows[np.searchsorted(self.starts, user_start)])  # [S, P]
+        m = np.minimum(L, self.n_windows[users])  # [S, P] items in the user's first row
         # a later target's row belongs to its first draw within the user: first[j] = the
         # first j' with the same target (j itself when none before)
         same = steps[..., :, None] == steps[..., None, :]  # [S, P, K, K]
@@ -263,7 +264,6 @@ class TaskSampler:
             slot_pos.reshape(lanes, k, -1),
         )
 
-    def starts_of(self, target_pos: np.ndarray) -> np.ndarray:
-        """Start (index into flat) of the user owning each target position, per [S, users]."""
-        first = target_pos[..., 0]
-        return self.starts[np.searchsorted(self.starts, first, side="right") - 1]
+    def users_of(self, target_pos: np.ndarray) -> np.ndarray:
+        """The user (row of this sampler) owning each [..., K] set of target positions."""
+        return np.searchsorted(self.starts, target_pos[..., 0], side="right") - 1

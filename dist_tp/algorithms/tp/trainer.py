@@ -6,11 +6,11 @@ accuracy, AUC) like the model. The outer step's optimizer comes from the optimiz
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from dist_tp.algorithms.tp.sampler import LaneBatch, TaskSampler, load_part
 from dist_tp.config import Config
 from dist_tp.core.device import module_device
 from dist_tp.core.seeding import seed_step
+from dist_tp.data.prefetch import prefetched
 from dist_tp.data.stream import PreparedData
 from dist_tp.models.saved import sparse_item_updates
 from dist_tp.parallel.comm import check_replicas
@@ -235,18 +236,16 @@ class TPStepper:
             check_replicas(self.params, self.comm, step=step)
         return stats
 
-    @contextlib.contextmanager
-    def batches(self, epoch: int) -> Iterator[Callable[[int], LaneBatch | None]]:
-        """``batch_at(step)``: the step's lane batch drawn ahead on a thread (``train.prefetch``
-        > 0, users held whole rather than in pools), else None (drawn in the step)."""
-        if not self.cfg.train.prefetch or self.pools is not None:
-            yield lambda step: None
-            return
-        ahead = _Ahead(self, epoch)
-        try:
-            yield ahead.take
-        finally:
-            ahead.close()
+    def lane_batches(self, epoch: int, start_step: int = 0) -> Iterator[LaneBatch | None]:
+        """The lane batches of steps ``start_step..`` of the epoch, drawn ``train.prefetch``
+        ahead on a thread (:func:`~dist_tp.data.prefetch.prefetched`), so a GPU does not wait
+        on the sampling; with ``tp.pool_users``, None for each step (drawn in the step from the
+        pool serving it, which is read on the training thread)."""
+        steps = range(start_step, self.steps_per_epoch)
+        if self.pools is not None:
+            return iter([None] * len(steps))
+        draw = functools.partial(self.sample_step, self.sampler, epoch)
+        return prefetched(iter(steps), self.cfg.train.prefetch, draw)
 
     def run_epoch(self, epoch: int, start_step: int = 0, on_step: OnStep | None = None) -> dict:
         """Outer steps ``start_step..`` of the epoch; ``on_step(step, figures)`` after each
@@ -262,9 +261,9 @@ class TPStepper:
         show = self.cfg.train.progress and self.comm.is_main
         steps = range(start_step, self.steps_per_epoch)
         bar = tqdm(steps, desc=f"tp epoch {epoch}", disable=not show, leave=False)
-        with self.batches(epoch) as batch_at:
-            for step in bar:
-                stats = self.outer_step(epoch, step, batch_at(step))
+        with contextlib.closing(self.lane_batches(epoch, start_step)) as batches:
+            for step, batch in zip(bar, batches):
+                stats = self.outer_step(epoch, step, batch)
                 losses.append(stats.pred_loss)
                 dlosses.append(stats.disc_loss)
                 logits.append(stats.disc_logits)
@@ -329,33 +328,3 @@ class TPStepper:
         if saved is None or len(saved) != self.comm.world_size:
             return None
         return saved[self.comm.rank]
-
-
-class _Ahead:
-    """The next outer step's lane batch drawn on a background thread while this one runs: the
-    sampling is numpy on the host, which a GPU would otherwise wait for. The batches are
-    those drawn in the loop (each depends only on the seed, the epoch and the step)."""
-
-    def __init__(self, stepper: TPStepper, epoch: int) -> None:
-        self.stepper, self.epoch = stepper, epoch
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tp-sample")
-        self.pending: tuple[int, Future] | None = None
-
-    def _submit(self, step: int) -> None:
-        sampler = self.stepper.sampler
-        job = self.pool.submit(self.stepper.sample_step, sampler, self.epoch, step)
-        self.pending = (step, job)
-
-    def take(self, step: int) -> LaneBatch:
-        """Step ``step``'s batch; the next step's starts drawing before this returns."""
-        if self.pending is None or self.pending[0] != step:
-            self._submit(step)
-        batch = self.pending[1].result()
-        if step + 1 < self.stepper.steps_per_epoch:
-            self._submit(step + 1)
-        else:
-            self.pending = None
-        return batch
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
