@@ -30,7 +30,9 @@ RUNGS=(
   "$C/$B-tp.yaml train.init_from=results/ladder/$DATA/${B}_seed{seed}"  # 8. the -tp config
                                                              #    from rung 1's weights
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power --grid tp.user_power=0.75"
-)                                                            # 9. rung 7 at γ = 0.75
+                                                             # 9. rung 7 at γ = 0.75
+  "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power --grid tp.outer_gradient=query"
+)                                                            # 10. rung 7, first-order MAML
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}

@@ -323,6 +323,16 @@ class TPConfig:
     for all k inner steps (first-order MAML / Reptile on user tasks), each step on a fresh
     draw of that user's windows: the curvature (alignment) part of Θ − θ_k is then within one
     user's data, which is what makes the parameters adapt quickly to a user."""
+    outer_gradient: str = "path"
+    """What goes into the outer optimizer. ``path`` (the paper, Reptile): Θ − θ_k, the
+    whole inner path. ``query`` (first-order MAML on user tasks; needs ``same_user`` and
+    k ≥ 2): θ_{k−1} − θ_k alone, α times the gradient of the last inner step (the query)
+    taken where k − 1 steps on the same user's other windows (the support) left the
+    parameters. The parameters are then trained for what they score after k − 1 steps of
+    adaptation to a user, which is what ``eval.adapt_steps`` = k − 1 at ``eval.adapt_lr`` = α
+    does at test time. The user's windows of the k steps are drawn as one permutation, so
+    query and support windows differ where the user has k·K windows (a shorter user's steps
+    go round its windows again)."""
     normalize: bool = False
     """Divide the pseudo-gradient Θ − θ_k by α before the outer optimizer, so it is on the
     scale of a gradient (the sum of the k inner gradients) whatever α is: Adam's ε and
@@ -381,6 +391,16 @@ class TPConfig:
             raise ConfigError(f"tp.compress must be none, bf16 or fp16, got {self.compress!r}")
         if self.buckets not in ("auto", "cost", "one"):
             raise ConfigError(f"tp.buckets must be auto, cost or one, got {self.buckets!r}")
+        if self.outer_gradient not in ("path", "query"):
+            raise ConfigError(
+                f"tp.outer_gradient must be 'path' or 'query', got {self.outer_gradient!r}"
+            )
+        if self.outer_gradient == "query" and (not self.same_user or self.k < 2):
+            raise ConfigError(
+                "tp.outer_gradient=query needs tp.same_user=true and tp.k >= 2 (k - 1 support "
+                f"steps on a user, then its query step), got same_user={self.same_user}, "
+                f"k={self.k}"
+            )
         if self.user_sampling not in ("uniform", "windows", "power"):
             raise ConfigError(
                 "tp.user_sampling must be 'uniform', 'windows' or 'power', got "

@@ -1,6 +1,7 @@
 """TP's variants: distinct windows for short users, one user per lane for all k steps
 (``tp.same_user``), users drawn in proportion to n_u^γ, the pseudo-gradient divided by α
-(``tp.normalize``), TP's outer learning rate tied to ``train.lr``, and joint training's
+(``tp.normalize``), the last step's gradient alone as the pseudo-gradient
+(``tp.outer_gradient=query``), TP's outer learning rate tied to ``train.lr``, and joint training's
 ``train.balance=power``."""
 
 from __future__ import annotations
@@ -67,6 +68,49 @@ def test_same_user_keeps_a_lanes_users_for_all_k_steps():
     assert not np.array_equal(batch.targets[:, 0], batch.targets[:, 1])
 
 
+def _positions(batch, s):
+    """The sampled windows of lane 0's step s, as a list of tuples (one per window)."""
+    return [tuple(w) for w in batch.windows[0, s]]
+
+
+def test_disjoint_steps_give_a_user_new_windows_at_each_step():
+    sampler = tp_sampler()
+    long = int(np.argmax(sampler.n_windows))
+    assert sampler.n_windows[long] >= 9  # k·K = 3 × 3 windows fit
+    kwargs = dict(lane_users=[np.array([long])], inner_batch=3, same_user=True, distinct=True)
+    batch = _sample(sampler, disjoint_steps=True, **kwargs)
+    seen = [set(_positions(batch, s)) for s in range(3)]
+    assert all(len(x) == 3 for x in seen)  # no window twice within a step
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert (batch.weights == 1).all()
+    # the same user's independent draws per step do overlap here (the draw this replaces)
+    overlaps = 0
+    for seed in range(20):
+        plain = _sample(sampler, seed=seed, **kwargs)
+        overlaps += bool(set(_positions(plain, 0)) & set(_positions(plain, 2)))
+    assert overlaps > 0
+
+
+def test_disjoint_steps_of_a_short_user_weigh_its_windows_alike():
+    sampler = tp_sampler()
+    short = int(np.argmin(sampler.n_windows))
+    n = int(sampler.n_windows[short])
+    assert n < 8
+    batch = _sample(
+        sampler, lane_users=[np.array([short])], same_user=True, distinct=True, disjoint_steps=True
+    )
+    for s in range(3):
+        w = batch.weights[0, s]
+        assert w.sum() == pytest.approx(8)
+        per_window: dict = {}
+        for x, weight in zip(_positions(batch, s), w):
+            per_window[x] = per_window.get(x, 0.0) + weight
+        assert len(per_window) == n  # every window of the user, each at K / n
+        assert np.allclose(list(per_window.values()), 8 / n)
+    with pytest.raises(ValueError, match="same_user"):
+        _sample(sampler, disjoint_steps=True)
+
+
 def test_users_are_drawn_in_proportion_to_a_power_of_their_windows():
     sampler = tp_sampler()
     n = sampler.n_windows.astype(float)
@@ -78,21 +122,25 @@ def test_users_are_drawn_in_proportion_to_a_power_of_their_windows():
     assert np.abs(freq - law).max() < 0.012
 
 
-def _weighted_reference(model, cfg, batch):
-    """θ_k of one lane with plain autograd: each step's loss Σ w·l / Σ w (bce)."""
+def _step_gradients(model, batch, s):
+    """Plain autograd gradients of lane 0's step ``s`` loss, Σ w·l / Σ w (bce)."""
+    w = torch.from_numpy(batch.weights[0, s])
+    emb = model.encode(torch.from_numpy(batch.windows[0, s]))
+    pos = torch.from_numpy(batch.targets[0, s])
+    neg = torch.from_numpy(batch.negatives[0, s])
+    scores = model.score_items(emb, torch.cat([pos[:, None], neg], 1))
+    each = -F.logsigmoid(scores[:, 0]) - F.logsigmoid(-scores[:, 1:]).sum(1)
+    loss = (each * w).sum() / w.sum()
+    return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+def _weighted_reference(model, cfg, batch, steps=None):
+    """θ_steps (default θ_k) of one lane with plain autograd, SGD at α."""
     model = copy.deepcopy(model)
-    for s in range(cfg.tp.k):
-        w = torch.from_numpy(batch.weights[0, s])
-        emb = model.encode(torch.from_numpy(batch.windows[0, s]))
-        pos = torch.from_numpy(batch.targets[0, s])
-        neg = torch.from_numpy(batch.negatives[0, s])
-        scores = model.score_items(emb, torch.cat([pos[:, None], neg], 1))
-        each = -F.logsigmoid(scores[:, 0]) - F.logsigmoid(-scores[:, 1:]).sum(1)
-        loss = (each * w).sum() / w.sum()
-        params = list(model.parameters())
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for s in range(cfg.tp.k if steps is None else steps):
+        grads = _step_gradients(model, batch, s)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(model.parameters(), grads):
                 if g is not None:
                     p -= cfg.tp.inner_lr * g
     return model
@@ -128,6 +176,71 @@ def test_weighted_inner_steps_match_the_written_out_computation(backbone):
         torch.testing.assert_close(theta_k, p.detach(), atol=1e-5, rtol=1e-5)
         gap = max(gap, float((dict(unweighted.named_parameters())[name] - p).abs().max()))
     assert gap > 1e-3  # the weights matter at this scale
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_query_pseudo_gradient_is_the_last_steps_gradient_after_k_minus_1(backbone):
+    """tp.outer_gradient=query (first-order MAML): the outer step gets the gradient of the
+    last inner step's loss at θ_{k−1}, not the whole path Θ − θ_k."""
+    cfg = tp_config(backbone, "bce", discriminator=False)
+    model, _ = tp_setup(cfg)
+    sampler = tp_sampler()
+    batch = sampler.sample(
+        [np.random.default_rng(5)],
+        k=cfg.tp.k,
+        users_per_step=1,
+        inner_batch=cfg.tp.inner_batch,
+        num_negatives=cfg.train.num_negatives,
+        num_items=NUM_ITEMS,
+        all_positions=True,
+        same_user=True,
+        distinct=True,
+        disjoint_steps=True,
+    )
+    alpha = cfg.tp.inner_lr
+    inner = InnerLoop(model, None, loss="bce", inner_lr=alpha, lambda_adv=0.0, query=True)
+    grads, _, _ = inner.pseudo_gradients(copy.deepcopy(batch))
+    support = _weighted_reference(model, cfg, batch, steps=cfg.tp.k - 1)
+    expected = _step_gradients(support, batch, cfg.tp.k - 1)
+    path = InnerLoop(model, None, loss="bce", inner_lr=alpha, lambda_adv=0.0)
+    whole, _, _ = path.pseudo_gradients(copy.deepcopy(batch))
+    gap = 0.0
+    for (name, _), g in zip(model.named_parameters(), expected):
+        want = torch.zeros_like(grads[name]) if g is None else alpha * g
+        torch.testing.assert_close(grads[name], want, atol=1e-5, rtol=1e-4)
+        gap = max(gap, float((whole[name] - grads[name]).abs().max()))
+    assert gap > 1e-3  # the path's pseudo-gradient is another thing
+    normalized = InnerLoop(
+        model, None, loss="bce", inner_lr=alpha, lambda_adv=0.0, query=True, normalize=True
+    )
+    scaled, _, _ = normalized.pseudo_gradients(copy.deepcopy(batch))
+    for name in grads:
+        torch.testing.assert_close(scaled[name], grads[name] / alpha)
+
+
+def test_query_outer_gradient_needs_one_user_per_lane_and_two_steps():
+    with pytest.raises(ConfigError, match="same_user=true"):
+        load_config(None, ["train.method=tp", "tp.outer_gradient=query"])
+    with pytest.raises(ConfigError, match="k=1"):
+        load_config(None, ["tp.outer_gradient=query", "tp.same_user=true", "tp.k=1"])
+    with pytest.raises(ConfigError, match="tp.outer_gradient must be"):
+        load_config(None, ["tp.outer_gradient=reptile"])
+    cfg = tp_config(
+        "sasrec", "bce", outer_gradient="query", same_user="true", lanes=8, inner_batch=3
+    )
+    model, _ = tp_setup(cfg)
+    stepper = TPStepper(model, cfg, sampler=tp_sampler())
+    assert stepper.inner.query
+    batch = stepper.sample_step(stepper.sampler, 0, 0)  # the trainer draws disjoint steps
+    checked = 0
+    for m in range(8):
+        lane = batch.lane(m)
+        if stepper.sampler.n_windows[lane.users[0, 0, 0]] >= 9:  # k·K windows
+            steps = [set(_positions(lane, s)) for s in range(3)]
+            assert not (steps[0] & steps[2] or steps[1] & steps[2])
+            checked += 1
+    assert checked > 0
+    stepper.outer_step(0, 0, batch)  # one outer step runs
 
 
 def test_normalize_divides_the_pseudo_gradient_by_alpha():

@@ -160,7 +160,8 @@ class InnerStats:
 
 
 class InnerLoop:
-    """k SGD steps in M lanes from the current parameters; returns Θ − θ_k averaged over lanes."""
+    """k SGD steps in M lanes from the current parameters; returns Θ − θ_k (or, with
+    ``query``, θ_{k−1} − θ_k) averaged over lanes."""
 
     def __init__(
         self,
@@ -174,11 +175,14 @@ class InnerLoop:
         sampling: str = "uniform",
         row_tables: bool = False,
         normalize: bool = False,
+        query: bool = False,
         unroll_rnns: bool | None = None,
     ) -> None:
         """``row_tables``: the item tables' pseudo-gradients come back sparse (the lanes'
         touched rows), for a row-wise outer step (``train.item_updates=sparse``).
         ``normalize``: the pseudo-gradients are (Θ − θ_k) / α (``tp.normalize``).
+        ``query``: the pseudo-gradients are the last step's alone, θ_{k−1} − θ_k
+        (``tp.outer_gradient=query``, first-order MAML).
         ``unroll_rnns``: recurrent encoders run as plain tensor operations, which vmap
         batches over lanes (:func:`~dist_tp.models.layers.unrolled_rnns`); False: their
         native kernels, one call per lane; None: unrolled on a GPU only (on two CPU threads
@@ -187,6 +191,7 @@ class InnerLoop:
         self.model, self.disc = model, disc
         self.loss, self.lr, self.lam = loss, inner_lr, lambda_adv
         self.scale = 1.0 / inner_lr if normalize else 1.0
+        self.query = query
         self.sampling = sampling
         self.row_names = model.item_row_names()  # the parameters a lane keeps rows of
         self.sparse = loss != "ce"
@@ -349,6 +354,8 @@ class InnerLoop:
         preds, advs, logits = [], [], []
         with self._kernels():  # once per outer step: vmap-batchable kernels on a GPU
             for s in range(k):
+                if self.query and s == k - 1:  # the outer step starts from θ_{k−1}
+                    start, dstart = lane, dlane
                 calls = []
                 for members, n_rows, n_cols in plans[s]:
                     idx = None if len(members) == lanes else self._tensor(members)
@@ -382,7 +389,7 @@ class InnerLoop:
                 logits.append(logit)
         grads = {}
         for n, p in params.items():
-            delta = start[n] - lane[n]  # [M, ...] Θ − θ_k per lane
+            delta = start[n] - lane[n]  # [M, ...] Θ − θ_k (query: θ_{k−1} − θ_k) per lane
             if self.scale != 1.0:
                 delta = delta * self.scale
             if touched is not None and n in self.row_tables:

@@ -109,6 +109,7 @@ class TaskSampler:
         shared_negatives: bool = False,
         same_user: bool = False,
         distinct: bool = False,
+        disjoint_steps: bool = False,
     ) -> LaneBatch:
         """One lane per generator; lane m draws only from ``rngs[m]`` (and, when given, only
         users in ``lane_users[m]``), so a lane's batch does not depend on the other lanes.
@@ -118,11 +119,16 @@ class TaskSampler:
         than K gives K with replacement, or with ``distinct`` each of its n_u windows once at
         weight K / n_u, the rest of its K slots repeating them at weight 0, so each user of a
         step weighs the same (``LaneBatch.weights``; None without ``distinct``).
+        With ``disjoint_steps`` (``same_user`` only) a lane's user has its k steps' windows
+        drawn as one permutation of its windows, step s taking its next K (round again where
+        the user has fewer than k·K), so the steps see different windows where they can.
         Negatives are uniform over the items but the positive, or with ``negative_cdf``
         (cumulative popularity of items 1..N) drawn in proportion to popularity. With
         ``shared_negatives`` each lane's inner step draws one set for all its windows (uniform
         over 1..N, or by popularity): a draw equal to a window's positive is masked by the
         loss."""
+        if disjoint_steps and not same_user:
+            raise ValueError("disjoint_steps needs same_user: the steps share a user")
         lanes = len(rngs)
         per_lane = k * users_per_step
         users = np.empty(lanes * per_lane, dtype=np.int64)  # [U] lane-major
@@ -138,14 +144,23 @@ class TaskSampler:
                 chosen = self._pick_users(rng, per_lane, pool, user_power)
             lo = m * per_lane
             users[lo : lo + per_lane] = chosen
-            for j, u in enumerate(chosen):
-                n = int(self.n_windows[u])
-                if distinct and n < inner_batch:  # each window once; the rest weigh 0
-                    picks[lo + j] = np.resize(rng.permutation(n), inner_batch)
-                    weights[lo + j, :n] = inner_batch / n  # the user's weights sum to K
-                    weights[lo + j, n:] = 0.0
-                else:
-                    picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
+            if disjoint_steps:  # each user's k steps at once
+                for p, u in enumerate(chosen[:users_per_step]):
+                    at = lo + p + users_per_step * np.arange(k)  # its rows, step-major
+                    picks[at], step_weights = _disjoint_picks(
+                        rng, int(self.n_windows[u]), k, inner_batch, distinct
+                    )
+                    if weights is not None:
+                        weights[at] = step_weights
+            else:
+                for j, u in enumerate(chosen):
+                    n = int(self.n_windows[u])
+                    if distinct and n < inner_batch:  # each window once; the rest weigh 0
+                        picks[lo + j] = np.resize(rng.permutation(n), inner_batch)
+                        weights[lo + j, :n] = inner_batch / n  # the user's weights sum to K
+                        weights[lo + j, n:] = 0.0
+                    else:
+                        picks[lo + j] = rng.choice(n, inner_batch, replace=n < inner_batch)
             if shared is not None and negative_cdf is not None:
                 u = rng.random((k, num_negatives)) * negative_cdf[-1]
                 shared[m] = np.searchsorted(negative_cdf, u, side="right") + 1
@@ -267,3 +282,19 @@ class TaskSampler:
     def users_of(self, target_pos: np.ndarray) -> np.ndarray:
         """The user (row of this sampler) owning each [..., K] set of target positions."""
         return np.searchsorted(self.starts, target_pos[..., 0], side="right") - 1
+
+
+def _disjoint_picks(
+    rng: np.random.Generator, n: int, k: int, inner_batch: int, distinct: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's windows for k steps: a permutation of its n windows, gone round as often as
+    k·K needs, step s taking the next K. With ``distinct`` a step's repeated windows share
+    their weight: each distinct window of the step weighs K / (its distinct windows), the
+    step's weights summing to K; else all weigh 1. Returns (picks, weights), both [k, K]."""
+    picks = np.resize(rng.permutation(n), k * inner_batch).reshape(k, inner_batch)
+    weights = np.ones((k, inner_batch), dtype=np.float32)
+    if distinct and n < inner_batch:
+        for s in range(k):
+            _, inverse, counts = np.unique(picks[s], return_inverse=True, return_counts=True)
+            weights[s] = inner_batch / (len(counts) * counts[inverse])
+    return picks, weights

@@ -93,6 +93,7 @@ class TPStepper:
             sampling=cfg.train.negatives,
             row_tables=sparse,
             normalize=tp.normalize,
+            query=tp.outer_gradient == "query",
             bucketing=bucketing(tp.buckets, module_device(model)),
         )
         self.params = list(model.parameters()) + (
@@ -217,6 +218,7 @@ class TPStepper:
             shared_negatives=train.shared_negatives,
             same_user=tp.same_user,
             distinct=tp.distinct_windows,
+            disjoint_steps=tp.outer_gradient == "query",
         )
 
     def outer_step(self, epoch: int, step: int, batch: LaneBatch | None = None):
