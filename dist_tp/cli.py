@@ -366,14 +366,21 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_tp.core.files import write_json
+    from dist_tp.run.folder_lock import run_folder_held
     from dist_tp.run.saved import evaluate_run
 
-    metrics, folder = evaluate_run(args.run, args.overrides)
-    target = Path(args.out) if args.out else None
-    if target is None and not args.overrides:
-        target = folder / "metrics.json"
-    if target is not None:
-        write_json(target, metrics)
+    own = not args.out and not args.overrides  # rewrites the run's own metrics.json
+    run = Path(args.run)
+    held = (
+        run_folder_held(run if run.is_dir() else run.parent, "pass --out FILE")
+        if own and run.exists()  # a missing run: evaluate_run says so
+        else contextlib.nullcontext()
+    )
+    with held:
+        metrics, folder = evaluate_run(args.run, args.overrides)
+        target = folder / "metrics.json" if own else Path(args.out) if args.out else None
+        if target is not None:
+            write_json(target, metrics)
     print(format_metrics(metrics))
     if target is None:
         print("(not written: these differ from the run's own settings; pass --out FILE)")

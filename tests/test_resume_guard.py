@@ -126,3 +126,31 @@ def test_the_folder_lock_is_let_go_on_release_and_leaves_nothing(tmp_path):
     first.release()
     hold_run_folder(out).release()  # free again
     assert list(tmp_path.iterdir()) == []  # no lock file left, no folder made
+
+
+def test_finish_and_evaluate_leave_a_folder_in_use_alone(finished, tmp_path, capsys):
+    """``dist-tp finish`` on a live training (a checkpoint, no metrics yet) would evaluate
+    it and write metrics.json and STOPPED under it; ``dist-tp evaluate`` would rewrite its
+    metrics.json. Both refuse a folder whose training holds it, and go ahead once free."""
+    import shutil
+
+    from dist_tp.run.folder_lock import hold_run_folder
+
+    source, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    (run / "metrics.json").unlink()  # as a training still running leaves it
+    held = hold_run_folder(run)
+    try:
+        assert main(["finish", str(run)]) == 1
+        out = capsys.readouterr().out
+        assert "failed:" in out and "in use by another training" in out
+        assert "finish it once it has stopped" in out
+        assert main(["evaluate", str(run)]) == 2
+        assert "pass --out FILE" in capsys.readouterr().err
+        assert not (run / "metrics.json").exists() and not (run / "STOPPED").exists()
+        assert main(["evaluate", str(run), "--out", str(tmp_path / "elsewhere.json")]) == 0
+    finally:
+        held.release()
+    assert main(["finish", str(run)]) == 0
+    assert (run / "metrics.json").is_file() and (run / "STOPPED").is_file()

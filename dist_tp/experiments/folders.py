@@ -30,6 +30,7 @@ import yaml
 from dist_tp.config import ConfigError, flatten
 from dist_tp.core.files import write_text
 from dist_tp.experiments.report import RunRecord
+from dist_tp.run.folder_lock import run_folder_held
 from dist_tp.tracking import (
     dataset_name,
     extra_metrics_to_flat,
@@ -205,14 +206,15 @@ def finish(paths: list[str | Path], extras: list[ExtraEval] = ()) -> dict[str, s
     status: dict[str, str] = {}
     for folder in run_folders(paths):
         try:
-            if (folder / METRICS).is_file():
-                result = "finished already"
-            elif (folder / "checkpoint.pt").is_file():
-                result = finish_one(folder)
-            else:
-                status[str(folder)] = "not finished: no checkpoint.pt yet (resume it instead)"
-                continue
-            written = extra_evaluations(folder, list(extras))
+            with run_folder_held(folder, "finish it once it has stopped"):
+                if (folder / METRICS).is_file():
+                    result = "finished already"
+                elif (folder / "checkpoint.pt").is_file():
+                    result = finish_one(folder)
+                else:
+                    status[str(folder)] = "not finished: no checkpoint.pt yet (resume it instead)"
+                    continue
+                written = extra_evaluations(folder, list(extras))
         except ConfigError as exc:
             status[str(folder)] = f"failed: {exc}"
             continue
