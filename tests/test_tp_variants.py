@@ -146,22 +146,27 @@ def _weighted_reference(model, cfg, batch, steps=None):
     return model
 
 
+def _config_sample(cfg, seed, **kwargs):
+    """One lane with distinct windows, drawn at the config's k, K and negatives."""
+    return tp_sampler().sample(
+        [np.random.default_rng(seed)],
+        k=cfg.tp.k,
+        inner_batch=cfg.tp.inner_batch,
+        num_negatives=cfg.train.num_negatives,
+        num_items=NUM_ITEMS,
+        distinct=True,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "caser"])
 def test_weighted_inner_steps_match_the_written_out_computation(backbone):
     cfg = tp_config(backbone, "bce", discriminator=False, users_per_step=2)
     model, _ = tp_setup(cfg)
     sampler = tp_sampler()
     short = np.argsort(sampler.n_windows)[:4]  # users with fewer windows than K = 5
-    batch = sampler.sample(
-        [np.random.default_rng(4)],
-        k=cfg.tp.k,
-        users_per_step=2,
-        inner_batch=cfg.tp.inner_batch,
-        num_negatives=cfg.train.num_negatives,
-        num_items=NUM_ITEMS,
-        all_positions=backbone != "caser",
-        lane_users=[short],
-        distinct=True,
+    batch = _config_sample(
+        cfg, 4, users_per_step=2, all_positions=backbone != "caser", lane_users=[short]
     )
     assert (batch.weights == 0).any()
     inner = InnerLoop(model, None, loss="bce", inner_lr=cfg.tp.inner_lr, lambda_adv=0.0)
@@ -184,18 +189,8 @@ def test_query_pseudo_gradient_is_the_last_steps_gradient_after_k_minus_1(backbo
     last inner step's loss at θ_{k−1}, not the whole path Θ − θ_k."""
     cfg = tp_config(backbone, "bce", discriminator=False)
     model, _ = tp_setup(cfg)
-    sampler = tp_sampler()
-    batch = sampler.sample(
-        [np.random.default_rng(5)],
-        k=cfg.tp.k,
-        users_per_step=1,
-        inner_batch=cfg.tp.inner_batch,
-        num_negatives=cfg.train.num_negatives,
-        num_items=NUM_ITEMS,
-        all_positions=True,
-        same_user=True,
-        distinct=True,
-        disjoint_steps=True,
+    batch = _config_sample(
+        cfg, 5, users_per_step=1, all_positions=True, same_user=True, disjoint_steps=True
     )
     alpha = cfg.tp.inner_lr
     inner = InnerLoop(model, None, loss="bce", inner_lr=alpha, lambda_adv=0.0, query=True)
