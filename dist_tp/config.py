@@ -320,9 +320,10 @@ class TPConfig:
     joint training's."""
     same_user: bool = False
     """false (the paper): every inner step draws new users. true: a lane keeps its users
-    for all k inner steps (first-order MAML / Reptile on user tasks), each step on a fresh
-    draw of that user's windows: the curvature (alignment) part of Θ − θ_k is then within one
-    user's data, which is what makes the parameters adapt quickly to a user."""
+    for all k inner steps (Reptile on user tasks; with ``outer_gradient: query``, first-order
+    MAML), each step on a fresh draw of that user's windows: the curvature (alignment) part
+    of Θ − θ_k is then within one user's data, which is meant to make the parameters adapt
+    quickly to a user (the ladder in ``benchmarks/RESULTS.md`` did not find that it does)."""
     outer_gradient: str = "path"
     """What goes into the outer optimizer. ``path`` (the paper, Reptile): Θ − θ_k, the
     whole inner path. ``query`` (first-order MAML on user tasks; needs ``same_user`` and
