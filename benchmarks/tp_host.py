@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dist_tp.algorithms.tp.trainer import TPStepper
@@ -42,8 +43,23 @@ def tp_config(data: str, path: str, *overrides: str):
 
 
 def draw(stepper: TPStepper, step: int):
-    """One outer step's lane batch, drawn as the trainer draws it."""
-    return stepper.sample_step(stepper.sampler, 0, step)
+    """One outer step's lane batch, drawn as the trainer draws it. Spelled out rather than
+    ``stepper.sample_step``, which checkouts before ``train.prefetch`` reached TP lack, so
+    the script still times them (the "before" figures in RESULTS)."""
+    cfg, tp = stepper.cfg, stepper.cfg.tp
+    rngs = [np.random.default_rng([cfg.train.seed, 0, step, m]) for m in range(tp.lanes)]
+    return stepper.sampler.sample(
+        rngs,
+        k=tp.k,
+        users_per_step=tp.users_per_step,
+        inner_batch=tp.inner_batch,
+        num_negatives=0,
+        num_items=stepper.model.num_items,
+        all_positions=stepper.model.supports_all_positions,
+        user_power=tp.power,
+        same_user=tp.same_user,
+        distinct=tp.distinct_windows,
+    )
 
 
 def sampling_and_plans(data: str, path: str, lanes: int, repeats: int = 5) -> str:

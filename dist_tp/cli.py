@@ -369,16 +369,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_tp.run.folder_lock import run_folder_held
     from dist_tp.run.saved import evaluate_run
 
-    own = not args.out and not args.overrides  # rewrites the run's own metrics.json
     run = Path(args.run)
-    held = (
-        run_folder_held(run if run.is_dir() else run.parent, "pass --out FILE")
-        if own and run.exists()  # a missing run: evaluate_run says so
-        else contextlib.nullcontext()
-    )
+    held = contextlib.nullcontext()
+    if not args.out and not args.overrides and run.exists():  # rewrites the run's metrics.json
+        held = run_folder_held(run if run.is_dir() else run.parent, "pass --out FILE")
     with held:
         metrics, folder = evaluate_run(args.run, args.overrides)
-        target = folder / "metrics.json" if own else Path(args.out) if args.out else None
+        target = Path(args.out) if args.out else None
+        if target is None and not args.overrides:
+            target = folder / "metrics.json"
         if target is not None:
             write_json(target, metrics)
     print(format_metrics(metrics))

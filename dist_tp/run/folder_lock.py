@@ -36,10 +36,10 @@ def hold_run_folder(out: str | Path, hint: str = "choose another --output") -> L
 
 
 @contextlib.contextmanager
-def run_folder_held(out: str | Path, hint: str) -> Iterator[None]:
-    """:func:`hold_run_folder` for the length of a ``with`` block: what writes a finished
-    run's files from outside it (``dist-tp finish``, ``dist-tp evaluate``) does not write
-    them while a training does."""
+def run_folder_held(out: str | Path, hint: str = "choose another --output") -> Iterator[None]:
+    """:func:`hold_run_folder` for the length of a ``with`` block: the training that writes
+    the folder, and what writes a finished run's files from outside it (``dist-tp finish``,
+    ``dist-tp evaluate``, with their own ``hint``), so none writes while another does."""
     lock = hold_run_folder(out, hint)
     try:
         yield

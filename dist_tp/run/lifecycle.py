@@ -8,6 +8,7 @@ KILLED or FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from dist_tp.config import Config, ConfigError
 from dist_tp.parallel import closed, init_distributed, leave
 from dist_tp.run.checkpoints import RunCheckpoints
-from dist_tp.run.folder_lock import hold_run_folder
+from dist_tp.run.folder_lock import run_folder_held
 from dist_tp.run.loop import run_training
 from dist_tp.tracking import make_tracker
 
@@ -63,12 +64,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = resume or restarted
     # rank 0 writes the folder: no other training may write it meanwhile
-    held = hold_run_folder(out) if comm.is_main else None
-    try:
+    with run_folder_held(out) if comm.is_main else contextlib.nullcontext():
         return _run_held(cfg, out, comm, resume=resume, overwrite=overwrite)
-    finally:
-        if held is not None:
-            held.release()
 
 
 def _run_held(cfg: Config, out: Path, comm, *, resume: bool, overwrite: bool) -> Outcome:
