@@ -23,6 +23,7 @@ from dist_tp.evaluation.adapt import (
     adapt_users,
     adaptation_negatives,
     adaptation_windows,
+    encoder_rows,
     last_parameter_names,
     sequence_windows,
 )
@@ -192,6 +193,64 @@ def test_the_unrolled_gru_of_a_gpu_adapts_the_same(monkeypatch):
         for name, value in ref.named_parameters():
             torch.testing.assert_close(got[name], value.detach(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(scores[u], ref_scores, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_shared_rows_give_every_window_its_own_embedding(backbone):
+    """An all-positions encoder reads a user's windows from shared rows: the windows within
+    its first L+1 items from one row, each later one from a row of its own. Every window's
+    embedding there equals encoding it alone, and short users need one row, not W."""
+    model, _ = small_model(backbone, "bce")
+    model.eval()
+    seqs = small_users(seed=3, users=30)
+    win = adaptation_windows(seqs, max_len=MAX_LEN, offset=1, windows=WINDOWS)
+    win = win.take(np.flatnonzero(win.counts > 0))
+    assert adapt_module.row_mode(model) == "prefix"
+    layout = encoder_rows(win, MAX_LEN, mode="prefix")
+    late = ((win.positions > MAX_LEN) & (win.weights > 0)).sum(1)
+    early = ((win.positions <= MAX_LEN) & (win.weights > 0)).any(1)
+    assert np.array_equal(layout.counts, late + early)
+    assert (layout.counts < win.counts).any() and (late > 0).any() and (late * early).any()
+    assert (layout.counts[win.positions[:, 0] <= MAX_LEN] == 1).all()  # short users: one row
+    with torch.no_grad():
+        out = model.encode_all(torch.as_tensor(layout.rows.reshape(-1, MAX_LEN)))
+        out = out.reshape(*layout.rows.shape, -1)  # [U, R, L, D]
+        alone = model.encode(torch.as_tensor(win.inputs.reshape(-1, MAX_LEN)))  # [U*W, D]
+    u = np.arange(len(win))[:, None]
+    got = out[u, layout.slot_row, layout.slot_pos].reshape(alone.shape)
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_row_modes_follow_what_the_encoder_reads():
+    """Caser reads whole windows only; an encoder's all-positions pass takes no row longer
+    than L (a later position would read more than L items)."""
+    gru, _ = small_model("gru4rec", "bce")
+    with pytest.raises(ValueError, match="model.max_len"):
+        gru.encode_all(torch.ones(2, MAX_LEN + 1, dtype=torch.long))
+    caser, _ = small_model("caser", "bce")
+    assert adapt_module.row_mode(caser) == "windows"
+    assert adapt_module.row_mode(gru, "windows") == "windows"
+    with pytest.raises(ValueError, match="prefix"):
+        adapt_module.row_mode(caser, "prefix")
+
+
+def test_users_are_chunked_by_their_rows_within_the_budget(monkeypatch):
+    """Users with a window, each once, ordered by the positions their rows hold, and no
+    chunk over the budget its largest user sets (nor over ``limit``)."""
+    model, adaptation = small_model("gru4rec", "bce")
+    seqs = small_users(seed=3, users=30)
+    win = adaptation_windows(seqs, max_len=MAX_LEN, offset=1, windows=WINDOWS)
+    rows = encoder_rows(win, MAX_LEN, mode="prefix").counts
+    per_user = adapt_module.users_per_chunk(model, adaptation, MAX_LEN, 1)
+    monkeypatch.setattr(adapt_module, "BUDGET_FLOATS", adapt_module.BUDGET_FLOATS * 3 // per_user)
+    chunks = adapt_module.user_chunks(model, win, adaptation)
+    together = np.concatenate(chunks)
+    assert sorted(together) == list(np.flatnonzero(win.counts > 0))
+    assert (np.diff(rows[together]) >= 0).all()
+    assert len(chunks) > 2 and max(map(len, chunks)) == 3
+    for idx in chunks:
+        assert len(idx) <= adapt_module.users_per_chunk(model, adaptation, MAX_LEN, rows[idx].max())
+    assert max(map(len, adapt_module.user_chunks(model, win, adaptation, limit=2))) == 2
 
 
 def test_last_changes_only_the_last_block_the_norms_and_the_users_own_rows():

@@ -124,13 +124,15 @@ class UserWindows:
 
     ``inputs [U, W, L]``, ``targets [U, W]``, ``weights [U, W]`` (1 for a real window, 0 for
     padding: a copy of the user's oldest real window), ``counts [U]`` real windows, ``user
-    [U]`` ids (the negatives' seed)."""
+    [U]`` ids (the negatives' seed), ``positions [U, W]`` each target's index in its user's
+    sequence (>= 1; the window holds the up to L items before it)."""
 
     inputs: np.ndarray
     targets: np.ndarray
     weights: np.ndarray
     counts: np.ndarray
     user: np.ndarray
+    positions: np.ndarray
 
     def __len__(self) -> int:
         return len(self.user)
@@ -142,6 +144,7 @@ class UserWindows:
             self.weights[index],
             self.counts[index],
             self.user[index],
+            self.positions[index],
         )
 
 
@@ -176,7 +179,84 @@ def _windows(flat, starts, query, user, max_len: int, windows: int) -> UserWindo
     target_pos = query[:, None] - 1 - slot  # [U, W] padding: the oldest real window again
     inputs = left_padded(flat, target_pos, starts[:, None], max_len)  # [U, W, L]
     weights = (recency[None, :] < counts[:, None]).astype(np.float32)  # [U, W]
-    return UserWindows(inputs, flat[target_pos], weights, counts, np.asarray(user))
+    positions = target_pos - starts[:, None]  # [U, W]
+    return UserWindows(inputs, flat[target_pos], weights, counts, np.asarray(user), positions)
+
+
+ROW_MODES = ("windows", "prefix")
+
+
+@dataclass
+class EncoderRows:
+    """What the encoder reads for each user's windows: ``rows [U, R, L]``, and where each
+    window's embedding lies in its output, ``slot_row [U, W]`` and ``slot_pos [U, W]``.
+    ``mode`` (:func:`encoder_rows`): ``windows`` reads each row at its last position only
+    (row w is window w); ``prefix`` reads every position (``encode_all``). ``counts [U]``:
+    each user's rows, the rest of R zero padding."""
+
+    rows: np.ndarray
+    slot_row: np.ndarray
+    slot_pos: np.ndarray
+    counts: np.ndarray
+    mode: str
+
+    @property
+    def all_positions(self) -> bool:
+        return self.mode != "windows"
+
+
+def row_mode(model: nn.Module, asked: str | None = None) -> str:
+    """How ``model``'s encoder reads a user's windows (:func:`encoder_rows`): by default
+    ``prefix`` where it supports all positions (SASRec, GRU4Rec), else ``windows`` (Caser);
+    ``asked``: that mode, where the encoder supports it."""
+    supported = ["windows"]
+    if getattr(model, "supports_all_positions", False):
+        supported.append("prefix")
+    if asked is None:
+        return supported[-1]
+    if asked not in supported:
+        raise ValueError(f"row mode {asked!r}: this encoder reads {supported}")
+    return asked
+
+
+def encoder_rows(win: UserWindows, max_len: int, *, mode: str) -> EncoderRows:
+    """The rows that encode ``win``'s windows, exactly (an all-positions encoder gives at
+    each position φ of the window ending there):
+
+    - ``windows``: one row per window.
+    - ``prefix`` (as TP's lanes share rows,
+      :meth:`~dist_tp.algorithms.tp.sampler.TaskSampler._shared_rows`): every window whose
+      target lies within the user's first L+1 items is a prefix of the user's first row, so
+      one row serves them all; a later target keeps a row of its own. A user's windows run
+      most recent first, so its later targets come first: row j is window j for j < (its
+      later targets), then the row of its most recent early window. A user with at most L+1
+      items before its query has one row instead of W.
+    """
+    if mode not in ROW_MODES:
+        raise ValueError(f"row mode must be one of {ROW_MODES}, got {mode!r}")
+    L = max_len
+    users, width = win.targets.shape
+    recency = np.arange(width)
+    slot = np.minimum(recency[None, :], np.maximum(win.counts - 1, 0)[:, None])  # padding: oldest
+    if mode == "windows":
+        return EncoderRows(
+            win.inputs,
+            slot,
+            np.full((users, width), L - 1),
+            np.full(users, width),
+            mode,
+        )
+    late = win.positions > L  # [U, W] the target has more than L items before it
+    real = win.weights > 0
+    n_late = (late & real).sum(1)  # [U] its most recent windows
+    counts = n_late + ((~late) & real).any(1)  # [U] rows
+    rows = win.inputs[:, : max(int(counts.max(initial=0)), 1)].copy()  # [U, R, L] row j: window j
+    rows[np.arange(rows.shape[1])[None, :] >= counts[:, None]] = 0
+    early_row = np.minimum(n_late, width - 1)  # [U] the row of its first L+1 items
+    row_items = np.take_along_axis(win.positions, early_row[:, None], 1)  # [U, 1] its items
+    slot_row = np.where(late, slot, early_row[:, None])
+    slot_pos = np.where(late, L - 1, L - row_items + win.positions - 1)
+    return EncoderRows(rows, slot_row, slot_pos, counts, mode)
 
 
 def adaptation_negatives(
@@ -249,14 +329,21 @@ def last_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) in chosen and n not in rows]
 
 
-def users_per_chunk(model: nn.Module, adaptation: Adaptation, max_len: int) -> int:
+def users_per_chunk(
+    model: nn.Module,
+    adaptation: Adaptation,
+    max_len: int,
+    rows: int | None = None,
+) -> int:
     """Users adapted at once: about ``BUDGET_FLOATS`` floats for their item rows (three
-    copies: rows, gradient, update) and activations (``ACTIVATION_COPIES`` per window,
-    position, dim and layer, plus the attention's L per position), at least 1. SASRec,
-    d = 64, L = 50, 2 layers, W = 32 on ML-100K: 7 users (measured ~200 MB)."""
+    copies: rows, gradient, update) and activations (``ACTIVATION_COPIES`` per encoder
+    row, position, dim and layer, plus the attention's L per position; ``rows`` encoder rows
+    per user, default one per window), at least 1. SASRec, d = 64, L = 50, 2 layers, 32 rows
+    on ML-100K: 7 users (measured ~200 MB)."""
     dim = model.item_emb.weight.shape[1]
-    rows = model.item_row_names()
+    row_names = model.item_row_names()
     width, length = adaptation.windows, max_len
+    encoded = width if rows is None else max(1, rows)
     if adaptation.loss == "ce":
         table_rows = model.num_items + 1  # every row, per user
     else:  # at most every input, target, negative and query item
@@ -265,11 +352,42 @@ def users_per_chunk(model: nn.Module, adaptation: Adaptation, max_len: int) -> i
         table_rows = min(
             model.num_items + 1, width * (length + 1) + length + 1 + per_step * adaptation.steps
         )
-    per_row = sum(1 if n.endswith("bias") else dim for n in rows)
+    per_row = sum(1 if n.endswith("bias") else dim for n in row_names)
     layers = max(1, int(getattr(getattr(model, "cfg", None), "num_layers", 1)))
-    activations = width * length * layers * (ACTIVATION_COPIES * dim + 4 * length)
+    activations = encoded * length * layers * (ACTIVATION_COPIES * dim + 4 * length)
     per_user = 3 * table_rows * per_row + activations
     return max(1, BUDGET_FLOATS // per_user)
+
+
+def user_chunks(
+    model: nn.Module,
+    win: UserWindows,
+    adaptation: Adaptation,
+    *,
+    limit: int = 0,
+    rows: str | None = None,
+) -> list[np.ndarray]:
+    """The users of ``win`` with a window, in the chunks they are adapted in: ordered by how
+    many encoder rows they need (:func:`encoder_rows`, mode :func:`row_mode` of ``rows``),
+    so that a chunk's users pad to about the same rows, and each chunk as large as
+    :func:`users_per_chunk` allows for its largest user (at most ``limit`` when given)."""
+    max_len = win.inputs.shape[-1]
+    index = np.flatnonzero(win.counts > 0)
+    layout = encoder_rows(win.take(index), max_len, mode=row_mode(model, rows))
+    order = np.argsort(layout.counts, kind="stable")
+    index, counts = index[order], layout.counts[order]
+
+    def fits(last: int) -> int:  # users a chunk may hold whose largest user is ``last``
+        return users_per_chunk(model, adaptation, max_len, int(counts[last]))
+
+    chunks, lo = [], 0
+    while lo < len(index):
+        size = fits(lo) if not limit else min(limit, fits(lo))
+        while size > 1 and fits(min(lo + size, len(index)) - 1) < size:
+            size = fits(min(lo + size, len(index)) - 1)
+        chunks.append(index[lo : lo + size])
+        lo += size
+    return chunks
 
 
 @contextlib.contextmanager
@@ -395,10 +513,12 @@ def adapt_users(
     adaptation: Adaptation,
     *,
     query_inputs: np.ndarray | None = None,
+    rows: str | None = None,
 ) -> AdaptedUsers:
     """``adaptation.steps`` SGD steps for each user of ``win`` (all with at least one real
     window), vectorised; ``query_inputs [U, L]``, the windows the users will be scored on,
-    are among the item rows each user carries (rows mode)."""
+    are among the item rows each user carries (rows mode). ``rows``: how the encoder reads
+    the windows (:func:`encoder_rows`; default :func:`row_mode`'s), the same result any way."""
     if len(win) == 0 or (win.counts < 1).any():
         raise ValueError("every adapted user needs at least one window")
     device = module_device(model)
@@ -409,7 +529,9 @@ def adapt_users(
     users = len(win)
     dense = adaptation.loss == "ce"
     negatives = adaptation_negatives(win, adaptation, model.num_items, model.neg_cdf)
-    inputs = to_device(win.inputs, device)  # [U, W, L]
+    layout = encoder_rows(win, win.inputs.shape[-1], mode=row_mode(model, rows))
+    inputs = to_device(layout.rows, device)  # [U, R, L]
+    slots = (to_device(layout.slot_row, device), to_device(layout.slot_pos, device))  # [U, W]
     targets = to_device(win.targets, device)  # [U, W]
     weights = to_device(win.weights, device)  # [U, W]
     own_ids = [win.inputs.reshape(users, -1), win.targets]
@@ -467,14 +589,13 @@ def adapt_users(
             train[n] = p.unsqueeze(0).expand(users, *p.shape)  # no copy until updated
     frozen = {n: p for n, p in theta.items() if n not in train}
     step = vmap(
-        grad(_user_loss(model, adaptation)),
-        in_dims=(0, None, 0, 0, 0, None if neg is None else 0, None if log_q is None else 0),
+        grad(_user_loss(model, adaptation, all_positions=layout.all_positions)),
+        in_dims=(0, None, 0, 0, 0, 0, None if neg is None else 0, None if log_q is None else 0),
     )
     with _adapting(model):
         for s in range(adaptation.steps):
-            g = step(
-                train, frozen, inputs, targets, weights, None if neg is None else neg[:, s], log_q
-            )
+            negs = None if neg is None else neg[:, s]
+            g = step(train, frozen, inputs, slots, targets, weights, negs, log_q)
             for n in names:
                 delta = g[n]
                 if n in row_names and mask is not None:
@@ -486,8 +607,9 @@ def adapt_users(
     return AdaptedUsers(model, train, frozen, touched, changed)
 
 
-def _user_loss(model: nn.Module, adaptation: Adaptation):
-    """One user's weighted mean loss over its windows, as a function of its parameters."""
+def _user_loss(model: nn.Module, adaptation: Adaptation, *, all_positions: bool):
+    """One user's weighted mean loss over its windows, as a function of its parameters; its
+    windows' embeddings read from its encoder rows (:class:`EncoderRows`) at ``slots``."""
     kwargs: dict = {"task": "loss", "kind": adaptation.loss, "reduction": "none"}
     if adaptation.loss == "sampled_softmax":
         # in_batch: the other windows' positives as explicit negatives, logQ-corrected as
@@ -496,9 +618,13 @@ def _user_loss(model: nn.Module, adaptation: Adaptation):
         in_batch = adaptation.negatives == "in_batch"
         kwargs["sampling"] = "popularity" if in_batch else adaptation.negatives
 
-    def loss(params, frozen, inputs, targets, weights, negatives, log_q):
+    def loss(params, frozen, rows, slots, targets, weights, negatives, log_q):
         every = {**frozen, **params}
-        emb = functional_call(model, every, (inputs,))  # [W, D]
+        if all_positions:
+            out = functional_call(model, every, (rows,), {"all_positions": True})  # [R, L, D]
+            emb = out[slots[0], slots[1]]  # [W, D]
+        else:
+            emb = functional_call(model, every, (rows,))[slots[0]]  # [W, D]
         extra = dict(kwargs)
         if negatives is not None:
             extra["negatives"] = negatives
@@ -533,17 +659,14 @@ def adapted_scores(
     model: nn.Module, win: UserWindows, query_inputs: np.ndarray, adaptation: Adaptation
 ) -> Tensor:
     """Every item's score ``[U, N+1]`` for each user's query window ``query_inputs [U, L]``:
-    after adaptation for the users with a window (in chunks of :func:`users_per_chunk`),
-    unadapted for the others."""
+    after adaptation for the users with a window (in :func:`user_chunks`), unadapted for the
+    others."""
     device = module_device(model)
     with torch.no_grad():
         scores = model.score_all(model.encode(to_device(query_inputs, device)))  # [U, N+1]
     if adaptation.steps == 0:
         return scores
-    index = np.flatnonzero(win.counts > 0)
-    chunk = users_per_chunk(model, adaptation, query_inputs.shape[1])
-    for lo in range(0, len(index), chunk):
-        idx = index[lo : lo + chunk]
+    for idx in user_chunks(model, win, adaptation):
         users = adapt_users(model, win.take(idx), adaptation, query_inputs=query_inputs[idx])
         emb = users.encode(to_device(query_inputs[idx], device))
         scores[to_device(idx, device)] = users.score_all(emb)

@@ -31,7 +31,7 @@ from dist_tp.evaluation.adapt import (
     UserWindows,
     adapt_users,
     adaptation_windows,
-    users_per_chunk,
+    user_chunks,
 )
 from dist_tp.evaluation.metrics import (
     finalize,
@@ -94,7 +94,7 @@ def _rank_adapted(
     item_chunk: int,
 ) -> torch.Tensor:
     """:func:`_rank` after adapting each user with a window on its windows ``win`` (the
-    others unadapted), ``chunk`` users or :func:`users_per_chunk` at a time."""
+    others unadapted), in :func:`user_chunks` of at most ``chunk`` users."""
     if not np.array_equal(win.user, q.user):
         raise ValueError("adaptation windows and queries of other users")
     ranks = torch.zeros(len(q.targets), dtype=torch.long)
@@ -108,10 +108,7 @@ def _rank_adapted(
             item_chunk=item_chunk,
         )
     device = module_device(model)
-    index = np.flatnonzero(has)
-    size = max(1, min(chunk, users_per_chunk(model, adaptation, q.inputs.shape[1])))
-    for lo in range(0, len(index), size):
-        idx = index[lo : lo + size]
+    for idx in user_chunks(model, win, adaptation, limit=chunk):
         users = adapt_users(model, win.take(idx), adaptation, query_inputs=q.inputs[idx])
         emb = users.encode(to_device(q.inputs[idx], device))  # [B, D] its own encoder's
         history = to_device(q.history[idx], device) if exclude_history else None

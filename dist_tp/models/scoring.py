@@ -152,6 +152,12 @@ class Recommender(nn.Module):
         if not self.supports_all_positions:
             name = type(self.encoder).__name__
             raise NotImplementedError(f"{name} encodes whole windows only; use encode()")
+        if seq.shape[1] > self.cfg.max_len:  # a later position would read more than L items
+            name = type(self.encoder).__name__
+            raise ValueError(
+                f"{name} reads rows of at most model.max_len = {self.cfg.max_len} items, "
+                f"got {seq.shape[1]}"
+            )
         return self.encoder.forward_all(seq)  # [B, L, D]
 
     @property
