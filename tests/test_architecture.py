@@ -158,7 +158,7 @@ def test_a_run_opens_its_prepared_data_once(prepared, tmp_path, monkeypatch, met
     cfg = load_config(
         TINY,
         [f"data.path={prepared('ml-100k')}", "train.epochs=1", f"train.method={method}"]
-        + (["tp.lanes=2", "tp.k=1"] if method == "tp" else []),
+        + (["tp.lanes=2", "tp.k=1", "train.epoch_steps=40"] if method == "tp" else []),
     )
     run_training(cfg, tmp_path / "run")
     assert len(opened) == 1 and len(handles) == 1

@@ -168,11 +168,11 @@ def _last_state(path: Path) -> dict | None:
 
 
 @pytest.mark.parametrize(
-    ("method", "loss", "every", "kill_at"),
-    [("tp", "ce", 50, 100), ("joint", "bce", 10, 40)],  # joint: ~150 DDP steps an epoch
+    ("method", "loss", "every", "kill_at", "epoch_steps"),
+    [("tp", "ce", 50, 100, 130), ("joint", "bce", 10, 40, 70)],  # joint: ~150 DDP steps a pass
 )
 def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(
-    prepared, tmp_path, method, loss, every, kill_at
+    prepared, tmp_path, method, loss, every, kill_at, epoch_steps
 ):
     """SIGKILL one rank after a mid-epoch checkpoint; torchrun restarts both, they resume
     from ``last.pt`` and end as an uninterrupted run (TP: outer steps; joint: DDP steps,
@@ -192,6 +192,7 @@ def test_kill_one_rank_then_torchrun_restarts_and_resumes_exactly(
         "train.patience=9",
         f"train.loss={loss}",
         f"train.checkpoint_every={every}",
+        f"train.epoch_steps={epoch_steps}",
         "tp.lanes=2",
     ]
     torchrun(2, *args, "--output", str(tmp_path / "plain"))
@@ -239,7 +240,7 @@ def test_two_torchrun_nodes_on_loopback(prepared, tmp_path):
     out = tmp_path / "run"
     launcher = ("--nnodes=2", "--rdzv-id=loopback")
     cmd = torchrun_cmd(
-        *tiny_tp_args(prepared("ml-100k"), "train.epochs=1"),
+        *tiny_tp_args(prepared("ml-100k"), "train.epochs=1", "train.epoch_steps=20"),
         "--output",
         str(out),
         nproc=1,

@@ -25,6 +25,7 @@ def test_tp_run_killed_mid_epoch_keeps_the_whole_epoch_in_its_history(
             "train.method=tp",
             "train.epochs=1",
             "train.checkpoint_every=4",
+            "train.epoch_steps=40",
             "tp.lanes=2",
             "track.enabled=false",
         ],

@@ -53,7 +53,8 @@ def assert_store_has_spool(c, run_id: str, folder: Path) -> None:
 def test_train_logs_params_tags_metrics_and_artifacts(prepared, tmp_path):
     uri = f"sqlite:///{tmp_path}/store.db"
     out = tmp_path / "run"
-    args = [f"data.path={prepared('ml-100k')}", *TP, f"track.uri={uri}", "track.experiment=e1"]
+    args = [f"data.path={prepared('ml-100k')}", *TP, f"track.uri={uri}", "track.experiment=e1",
+            "train.epoch_steps=60"]  # fmt: skip
     assert main(["train", str(TINY), *args, "--output", str(out)]) == 0
     c, run = the_run(uri, "e1")
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
@@ -180,6 +181,7 @@ def test_server_dies_mid_run_then_sync_completes_the_run(prepared, tmp_path, ser
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dist_tp", "train", str(TINY), f"data.path={prepared('ml-100k')}",
            *TP, "train.epochs=3", "train.patience=9", "track.log_every=5", "train.threads=1",
+           "train.epoch_steps=150",
            f"track.uri={server.uri}", "--output", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
