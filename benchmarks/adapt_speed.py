@@ -4,15 +4,16 @@
         [--backbones sasrec gru4rec] [--users 400] [--threads 1]
 
 For ``configs/<data>/<backbone>.yaml`` (``eval.adapt_windows`` 32, one SGD step at lr 0.1,
-``adapt_params=all``, the config's loss): every test query of the first ``--users`` users
-(existing and new), adapted as ``dist-tp evaluate`` adapts them (the same chunks of users,
-then each user's own encoder on its query), once with each window a row of its own and once
-with the windows shared among rows (:func:`dist_tp.evaluation.adapt.encoder_rows`), in
-alternating repeats so both see the same load (best of ``--repeats``; Caser reads whole
-windows only, so it has nothing to compare). Prints seconds per pass, the ratio, the rows
-the encoder reads per user, and the largest difference between the two modes' query
-embeddings (the same up to float rounding). The weights are the config's initial ones: the
-work does not depend on them. Data is prepared from ../shared/data into a temp folder.
+``adapt_params=all``, the config's loss): every test query of the users in the first stream
+batch of up to ``--users`` rows (existing and new; ML-100K's first batch holds 248), adapted
+as ``dist-tp evaluate`` adapts them (the same chunks of users, then each user's own encoder
+on its query), once with each window a row of its own and once with the windows shared among
+rows (:func:`dist_tp.evaluation.adapt.encoder_rows`), in alternating repeats so both see the
+same load (best of ``--repeats``; Caser reads whole windows only, so it has nothing to
+compare). Prints seconds per pass, the ratio, the rows the encoder reads per user, and the
+largest difference between the two modes' query embeddings (the same up to float rounding).
+The weights are the config's initial ones: the work does not depend on them. Data is
+prepared from ../shared/data into a temp folder.
 """
 
 from __future__ import annotations
