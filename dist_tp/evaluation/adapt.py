@@ -14,7 +14,9 @@ adapted parameters per user, ``functional_call`` + ``grad`` + ``vmap``, so a ste
 is one batched forward/backward. The model runs in eval mode throughout (no dropout), and the
 negatives of the sampled losses are a hash of (seed, user, step, window, k), so the adapted
 parameters, and the metrics, are a function of the checkpoint and the user alone: the same on
-any batching of users and on any number of ranks.
+any batching of users and on any number of ranks. An encoder that reads every position in
+one pass (SASRec, GRU4Rec) reads a user's windows from shared rows (:func:`encoder_rows`):
+those within its first L+1 items from one row, as TP's lanes share them.
 
 What changes (``params``):
 
@@ -33,11 +35,12 @@ anew each step, uniform or by popularity as ``train.negatives`` says (one set pe
 under ``train.shared_negatives``); ``in_batch``: the positives of the user's other windows
 (the softmax of a TP lane's mini-batch made of one user's windows), logQ-corrected.
 
-Memory: users are adapted in chunks of :func:`users_per_chunk`, so that about
-``BUDGET_FLOATS`` floats (256 MB) hold a chunk's per-user item rows (three copies: rows,
-gradient, update) and activations. With ``ce`` a user's rows are the whole table, so a large
-catalogue adapts few users at a time (it works, slowly); scoring then goes through
-:meth:`AdaptedUsers.score_range` in item chunks like the unadapted evaluation.
+Memory: users are adapted in chunks (:func:`user_chunks`, ordered by the encoder rows they
+need), so that about ``BUDGET_FLOATS`` floats (256 MB) hold a chunk's per-user item rows
+(three copies: rows, gradient, update) and activations (:func:`users_per_chunk`). With
+``ce`` a user's rows are the whole table, so a large catalogue adapts few users at a time
+(it works, slowly); scoring then goes through :meth:`AdaptedUsers.score_range` in item
+chunks like the unadapted evaluation.
 """
 
 from __future__ import annotations
