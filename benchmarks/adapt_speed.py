@@ -1,7 +1,7 @@
 """Test-time adaptation's speed: windows read from shared encoder rows against one row each.
 
     .venv/bin/python benchmarks/adapt_speed.py [--data ml-100k amazon-music] \
-        [--backbones sasrec gru4rec] [--users 400] [--threads 1]
+        [--backbones sasrec gru4rec] [--users 400] [--threads 1] [--profile]
 
 For ``configs/<data>/<backbone>.yaml`` (``eval.adapt_windows`` 32, one SGD step at lr 0.1,
 ``adapt_params=all``, the config's loss): every test query of the users in the first stream
@@ -10,15 +10,20 @@ as ``dist-tp evaluate`` adapts them (the same chunks of users, then each user's 
 on its query), once with each window a row of its own and once with the windows shared among
 rows (:func:`dist_tp.evaluation.adapt.encoder_rows`), in alternating repeats so both see the
 same load (best of ``--repeats``; Caser reads whole windows only, so it has nothing to
-compare). Prints seconds per pass, the ratio, the rows the encoder reads per user, and the
+compare). Prints seconds per pass, the ratio, the rows the encoder reads per user, the share
+of users with 2+ windows that share no row (each window past their first L+1 items), and the
 largest difference between the two modes' query embeddings (the same up to float rounding).
-The weights are the config's initial ones: the work does not depend on them. Data is
-prepared from ../shared/data into a temp folder.
+``--profile``: also the shared pass's chunks of users and its 8 costliest calls
+(cProfile, by own time). The weights are the config's initial ones: the work does not
+depend on them. Data is prepared from ../shared/data into a temp folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import tempfile
 import time
@@ -35,8 +40,8 @@ from dist_tp.evaluation.adapt import (
     Adaptation,
     adapt_users,
     adaptation_windows,
-    encoder_rows,
     row_mode,
+    rows_needed,
     user_chunks,
 )
 from dist_tp.models.saved import build
@@ -67,7 +72,17 @@ def adapt_pass(model, win, queries, adaptation, rows: str) -> tuple[float, torch
     return time.perf_counter() - started, out
 
 
-def case(data: str, backbone: str, path: str, users: int, repeats: int) -> str:
+def profiled(model, win, queries, adaptation, mode: str) -> str:
+    """The shared pass under cProfile: its chunks' sizes and the 8 costliest calls."""
+    profile = cProfile.Profile()
+    profile.runcall(adapt_pass, model, win, queries, adaptation, mode)
+    sizes = [len(c) for c in user_chunks(model, win, adaptation, limit=512, rows=mode)]
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(8)
+    return f"chunks of users: {sizes}\n{text.getvalue()}"
+
+
+def case(data: str, backbone: str, path: str, users: int, repeats: int, profile: bool) -> str:
     config = REPO / "configs" / data / f"{backbone}.yaml"
     cfg = load_config(config, [f"data.path={path}", "eval.adapt_steps=1", "eval.adapt_lr=0.1"])
     torch.manual_seed(0)
@@ -80,7 +95,8 @@ def case(data: str, backbone: str, path: str, users: int, repeats: int) -> str:
     win, queries = win.take(keep), queries[keep]
     adaptation = Adaptation.from_config(cfg)
     shared = row_mode(model)
-    rows = encoder_rows(win, max_len, mode=shared).counts
+    rows, _ = rows_needed(win, max_len, shared)
+    alone_share = (rows[win.counts > 1] == win.counts[win.counts > 1]).mean()  # no row shared
     seconds = {"windows": [], shared: []}
     embeddings = {}
     for _ in range(repeats):
@@ -89,11 +105,12 @@ def case(data: str, backbone: str, path: str, users: int, repeats: int) -> str:
             seconds[mode].append(took)
     alone, together = min(seconds["windows"]), min(seconds[shared])
     diff = float((embeddings[shared] - embeddings["windows"]).abs().max())
-    return (
+    line = (
         f"| {data} | {backbone} | {cfg.train.loss} | {len(win)} | {win.counts.mean():.1f} | "
-        f"{rows.mean():.1f} | {alone:.1f} | {together:.1f} | {alone / together:.1f}x | "
-        f"{diff:.1e} |"
+        f"{rows.mean():.1f} | {alone_share:.0%} | {alone:.1f} | {together:.1f} | "
+        f"{alone / together:.1f}x | {diff:.1e} |"
     )
+    return line + ("\n" + profiled(model, win, queries, adaptation, shared) if profile else "")
 
 
 def main() -> None:
@@ -103,20 +120,22 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="also profile the shared pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        "| data | backbone | loss | users | windows / user | rows / user | one row each (s) "
-        "| shared rows (s) | speed-up | max diff |"
+        "| data | backbone | loss | users | windows / user | rows / user | no row shared "
+        "| one row each (s) | shared rows (s) | speed-up | max diff |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
             rel, fmt = DATASETS[data]
             path = f"{tmp}/{data}"
             prepare(input_path=str(SHARED / rel), fmt=fmt, output=path)
             for backbone in args.backbones:
-                print(case(data, backbone, path, args.users, args.repeats), flush=True)
+                line = case(data, backbone, path, args.users, args.repeats, args.profile)
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -235,24 +235,15 @@ def encoder_rows(win: UserWindows, max_len: int, *, mode: str) -> EncoderRows:
       later targets), then the row of its most recent early window. A user with at most L+1
       items before its query has one row instead of W.
     """
-    if mode not in ROW_MODES:
-        raise ValueError(f"row mode must be one of {ROW_MODES}, got {mode!r}")
     L = max_len
     users, width = win.targets.shape
-    recency = np.arange(width)
-    slot = np.minimum(recency[None, :], np.maximum(win.counts - 1, 0)[:, None])  # padding: oldest
+    counts, n_late = rows_needed(win, max_len, mode)
+    slot = np.minimum(
+        np.arange(width)[None, :], np.maximum(win.counts - 1, 0)[:, None]
+    )  # pad: oldest
     if mode == "windows":
-        return EncoderRows(
-            win.inputs,
-            slot,
-            np.full((users, width), L - 1),
-            np.full(users, width),
-            mode,
-        )
+        return EncoderRows(win.inputs, slot, np.full((users, width), L - 1), counts, mode)
     late = win.positions > L  # [U, W] the target has more than L items before it
-    real = win.weights > 0
-    n_late = (late & real).sum(1)  # [U] its most recent windows
-    counts = n_late + ((~late) & real).any(1)  # [U] rows
     rows = win.inputs[:, : max(int(counts.max(initial=0)), 1)].copy()  # [U, R, L] row j: window j
     rows[np.arange(rows.shape[1])[None, :] >= counts[:, None]] = 0
     early_row = np.minimum(n_late, width - 1)  # [U] the row of its first L+1 items
@@ -260,6 +251,21 @@ def encoder_rows(win: UserWindows, max_len: int, *, mode: str) -> EncoderRows:
     slot_row = np.where(late, slot, early_row[:, None])
     slot_pos = np.where(late, L - 1, L - row_items + win.positions - 1)
     return EncoderRows(rows, slot_row, slot_pos, counts, mode)
+
+
+def rows_needed(win: UserWindows, max_len: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's encoder rows under ``mode`` (:func:`encoder_rows`), ``[U]``, and how many
+    of its windows have a target past its first L+1 items (``prefix``: one row each; they are
+    its most recent windows), ``[U]``."""
+    if mode not in ROW_MODES:
+        raise ValueError(f"row mode must be one of {ROW_MODES}, got {mode!r}")
+    users, width = win.targets.shape
+    real = win.weights > 0
+    late = win.positions > max_len  # [U, W]
+    n_late = (late & real).sum(1)
+    if mode == "windows":
+        return np.full(users, width), n_late
+    return n_late + (~late & real).any(1), n_late
 
 
 def adaptation_negatives(
@@ -376,18 +382,18 @@ def user_chunks(
     :func:`users_per_chunk` allows for its largest user (at most ``limit`` when given)."""
     max_len = win.inputs.shape[-1]
     index = np.flatnonzero(win.counts > 0)
-    layout = encoder_rows(win.take(index), max_len, mode=row_mode(model, rows))
-    order = np.argsort(layout.counts, kind="stable")
-    index, counts = index[order], layout.counts[order]
+    need, _ = rows_needed(win.take(index), max_len, row_mode(model, rows))
+    order = np.argsort(need, kind="stable")
+    index, need = index[order], need[order]
 
     def fits(last: int) -> int:  # users a chunk may hold whose largest user is ``last``
-        return users_per_chunk(model, adaptation, max_len, int(counts[last]))
+        return users_per_chunk(model, adaptation, max_len, int(need[last]))
 
     chunks, lo = [], 0
     while lo < len(index):
-        size = fits(lo) if not limit else min(limit, fits(lo))
-        while size > 1 and fits(min(lo + size, len(index)) - 1) < size:
-            size = fits(min(lo + size, len(index)) - 1)
+        size = min(limit or len(index), fits(lo))
+        while size > 1 and (largest := fits(min(lo + size, len(index)) - 1)) < size:
+            size = largest  # users sorted by rows: fewer users, no larger a largest one
         chunks.append(index[lo : lo + size])
         lo += size
     return chunks
