@@ -160,11 +160,13 @@ def _per_rank_reference(path: str, *overrides: str):
 
 
 def test_ddp_with_row_wise_item_updates_equals_the_ranks_steps_in_one_process(prepared, tmp_path):
-    """Sparse item-table gradients through DDP's reducer, then the row-wise Adam: the same
-    parameters as one process stepping on both ranks' losses (an idle rank's zero-weight
-    rows touch nothing)."""
+    """Sparse item-table gradients averaged by the host's all-gather of touched rows (DDP
+    holds the dense parameters only: its sparse all-reduce over gloo corrupts memory now and
+    then), then the row-wise Adam: the same parameters as one process stepping on both
+    ranks' losses (an idle rank's zero-weight rows touch nothing)."""
     path = prepared("ml-100k")
     state = _joint_run(path, tmp_path / "rows.pt", *ROW_WISE)
+    assert state["ddp_ignores"] == sorted(state["tables"]) and len(state["tables"]) == 2
     reference = _per_rank_reference(path, *ROW_WISE)
     _assert_matches(state, reference)
 

@@ -1,5 +1,6 @@
 """One joint epoch under torchrun (DDP, or DeepSpeed through overrides); rank 0 saves its
-parameters, their sum over ranks and each rank's number of real mini-batches.
+parameters, their sum over ranks, each rank's number of real mini-batches and the parameters
+DDP leaves to the host (the row-wise item tables).
 
 torchrun --nproc-per-node W tests/scripts/joint_steps.py PREPARED OUT [key=value ...]
 """
@@ -30,9 +31,9 @@ per_rank = torch.zeros(comm.world_size, dtype=torch.int64)
 per_rank[comm.rank] = batches
 per_rank = comm.all_reduce_sum(per_rank)
 summed = comm.all_reduce_sum(flat)
+ignored = sorted(getattr(getattr(stepper.opt, "net", None), "parameters_to_ignore", ()))
 if comm.rank == 0:
-    torch.save(
-        {"params": params, "sum_over_ranks": summed, "batches": per_rank, "record": record}, out
-    )
+    saved = {"params": params, "sum_over_ranks": summed, "batches": per_rank, "record": record}
+    torch.save({**saved, "ddp_ignores": ignored, "tables": model.item_table_names()}, out)
 comm.close()
 leave(0)
