@@ -32,7 +32,10 @@ RUNGS=(
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power --grid tp.user_power=0.75"
                                                              # 9. rung 7 at γ = 0.75
   "$C/$B-tp-paper.yaml $MORE --grid tp.user_sampling=power --grid tp.outer_gradient=query"
-)                                                            # 10. rung 7, first-order MAML
+                                                             # 10. rung 7, first-order MAML
+  "$C/$B-tp-paper.yaml $SAME --grid tp.lanes=16 --grid tp.user_sampling=power --grid tp.k=4 --grid tp.inner_lr=0.05 --grid tp.inner_batch=4"
+)                                                            # 11. rung 7 at k = 4 (α·k and the
+                                                             #     windows per Adam step held)
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
