@@ -172,6 +172,20 @@ def test_ddp_with_row_wise_item_updates_equals_the_ranks_steps_in_one_process(pr
     _assert_matches(state, reference)
 
 
+def test_row_averages_join_ranks_whose_step_touched_no_row(tmp_path):
+    """The item tables' all-gather of touched rows: a rank with no rows still takes part
+    (one collective sequence on every rank), duplicates are summed, the sum is halved."""
+    out = tmp_path / "rows.pt"
+    cmd = torchrun_cmd("tests/scripts/row_average.py", str(out))
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = torch.load(out, weights_only=True)
+    expected = torch.zeros(5, 2)
+    expected[1], expected[3] = torch.tensor([1.5, 2.0]), torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(state["some"], expected, rtol=0, atol=0)
+    assert state["nnz"] == 0 and not state["none"].any()
+
+
 def test_cli_joint_under_torchrun_writes_the_run_folder(prepared, tmp_path):
     out = tmp_path / "run"
     args = ["configs/tiny.yaml", f"data.path={prepared('ml-100k')}", "train.epochs=1"]

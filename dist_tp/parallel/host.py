@@ -136,6 +136,13 @@ def average_rows(
     return row_gradient(rows, values.to(dtype), grad.shape), sent
 
 
+def _no_rows(p: Tensor) -> Tensor:
+    """A sparse gradient of ``p`` that touches no row."""
+    empty = torch.zeros((1, 0), dtype=torch.int64, device=p.device)
+    values = p.new_zeros((0, *p.shape[1:]))
+    return torch.sparse_coo_tensor(empty, values, p.shape, check_invariants=False)
+
+
 class TorchGradientOptimizer:
     """torch's optimizer over ``module``; under torchrun the forward runs through DDP, whose
     constructor broadcasts rank 0's parameters and whose backward averages the gradients.
@@ -166,10 +173,10 @@ class TorchGradientOptimizer:
         if self.rows is not None:
             self.rows.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over ranks
-        if self.comm.world_size > 1:
+        if self.comm.world_size > 1:  # every rank joins, whether its step read the table
             for p in self.row_params:
-                if p.grad is not None:
-                    p.grad, _ = average_rows(p.grad, self.comm)
+                grad = p.grad if p.grad is not None else _no_rows(p)
+                p.grad, _ = average_rows(grad, self.comm)
         if self.spec.grad_clip > 0 and self.rows is not None:
             clip_grad_norm(list(self.module.parameters()), self.spec.grad_clip)
         elif self.spec.grad_clip > 0:

@@ -28,6 +28,8 @@ def touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     else:
         rows = torch.arange(grad.shape[0], device=grad.device)
         values = grad
+    if len(rows) == 0:
+        return rows, values
     keep = values.reshape(len(rows), -1).ne(0).any(1)
     if bool(keep.all()):
         return rows, values
