@@ -238,9 +238,8 @@ def encoder_rows(win: UserWindows, max_len: int, *, mode: str) -> EncoderRows:
     L = max_len
     users, width = win.targets.shape
     counts, n_late = rows_needed(win, max_len, mode)
-    slot = np.minimum(
-        np.arange(width)[None, :], np.maximum(win.counts - 1, 0)[:, None]
-    )  # pad: oldest
+    oldest = np.maximum(win.counts - 1, 0)  # [U] the slot of its oldest real window
+    slot = np.minimum(np.arange(width)[None, :], oldest[:, None])  # [U, W] padding: oldest
     if mode == "windows":
         return EncoderRows(win.inputs, slot, np.full((users, width), L - 1), counts, mode)
     late = win.positions > L  # [U, W] the target has more than L items before it

@@ -120,6 +120,15 @@ def _torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.o
     raise ConfigError(f"optimizer must be adam or sgd, got {spec.kind!r}")
 
 
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _on_wire(tensor: Tensor, wire: torch.dtype | None) -> Tensor:
+    """``tensor`` as it travels: in ``wire`` dtype when given (``tp.compress``)."""
+    return tensor if wire is None else tensor.to(wire)
+
+
 def average_rows(
     grad: Tensor, comm: LocalComm, wire: torch.dtype | None = None
 ) -> tuple[Tensor, int]:
@@ -129,8 +138,8 @@ def average_rows(
     rows, values = touched_rows(grad)
     dtype, sent = values.dtype, 0
     if comm.world_size > 1:
-        wired = values if wire is None else values.to(wire)
-        sent = rows.numel() * rows.element_size() + wired.numel() * wired.element_size()
+        wired = _on_wire(values, wire)
+        sent = _nbytes(rows) + _nbytes(wired)
         rows, values = comm.all_gather_rows(rows, wired)
         values = values.to(torch.float32) / comm.world_size
     return row_gradient(rows, values.to(dtype), grad.shape), sent
@@ -149,9 +158,10 @@ class TorchGradientOptimizer:
 
     Item tables updated row-wise are left out of DDP: their sparse gradients are averaged by
     :func:`average_rows` after the backward. DDP's own sparse all-reduce over gloo corrupts
-    memory now and then (a SIGSEGV or a heap-corruption abort in about one 1,700-step epoch
-    in 15 to 60 here, torch 2.13; a plain DDP script with sparse embeddings crashes the same
-    way), and it is not the same collective on every backend."""
+    memory now and then (a SIGSEGV or a heap-corruption abort: 1 of 60 looped runs of
+    ``tests/scripts/joint_steps.py``'s 1,700-step epoch here, torch 2.13; a plain DDP script
+    with sparse embeddings crashes the same way), and it is not the same collective on every
+    backend."""
 
     def __init__(self, module: nn.Module, spec: OptimizerSpec, comm: LocalComm) -> None:
         self.module, self.spec, self.comm = module, spec, comm
@@ -231,9 +241,9 @@ class TorchPseudoGradientOptimizer:
         self.opt = _torch_optimizer(dense, OptimizerSpec(lr=spec.lr, kind=spec.kind))
 
     def _wire(self, tensor: Tensor) -> Tensor:
-        wire = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
-        self.bytes_sent += wire.numel() * wire.element_size()
-        return wire
+        wired = _on_wire(tensor, self.wire_dtype)
+        self.bytes_sent += _nbytes(wired)
+        return wired
 
     def step(self, grads: list[Tensor]) -> None:
         """Average ``grads`` (aligned with the parameters; an item table's may be sparse)
