@@ -135,7 +135,16 @@ class TrainConfig:
     pass. For logs where one pass takes hours: validation, checkpoints, early stopping and the
     curves come every this many steps, each epoch from a fresh shuffle of the users."""
     patience: int = 3
-    """Stop after this many evaluations without a better validation NDCG@10."""
+    """Stop after this many evaluations without a better validation NDCG@10 (and no
+    ``lr_decays`` left)."""
+    lr_decays: int = 0
+    """How many times validation running out of ``patience`` lowers the learning rate instead
+    of stopping the run: the best weights so far come back, the optimizer starts afresh (TP:
+    the outer one, the discriminator's parameters included) at its rate × ``lr_decay``, and
+    ``patience`` counts again. 0: a constant rate, the paper's. One decay at 0.1 is one run of
+    what the ladder's rung 13 does in two (``benchmarks/RESULTS.md``). Plain engine only."""
+    lr_decay: float = 0.1
+    """The factor on the learning rate at each of the ``lr_decays``, in (0, 1)."""
     eval_every: int = 1
     """Validate every this many epochs."""
     seed: int = 0
@@ -259,6 +268,7 @@ class TrainConfig:
             prefetch=self.prefetch,
             checkpoint_every=self.checkpoint_every,
             epoch_steps=self.epoch_steps,
+            lr_decays=self.lr_decays,
         )
         if self.balance not in ("window", "user", "power"):
             raise ConfigError(f"train.balance must be window, user or power, got {self.balance!r}")
@@ -287,6 +297,13 @@ class TrainConfig:
             raise ConfigError(
                 f"train.compile={self.compile} is for joint training on the plain engine "
                 f"(train.method={self.method}, train.engine={self.engine})"
+            )
+        if not 0 < self.lr_decay < 1:
+            raise ConfigError(f"train.lr_decay must be in (0, 1), got {self.lr_decay}")
+        if self.lr_decays and self.engine != "plain":
+            raise ConfigError(
+                "train.lr_decays needs train.engine=plain (the DeepSpeed engine keeps its "
+                "optimizer's state to itself)"
             )
         if self.engine == "deepspeed" and not self.deepspeed:
             raise ConfigError(

@@ -187,15 +187,19 @@ def test_row_averages_join_ranks_whose_step_touched_no_row(tmp_path):
 
 
 def test_cli_joint_under_torchrun_writes_the_run_folder(prepared, tmp_path):
+    """At lr 1e-12 nothing moves, so every validation after the first is no better: epoch 1
+    lowers the rate (the ranks restore the best weights together), epoch 2 stops the run."""
     out = tmp_path / "run"
-    args = ["configs/tiny.yaml", f"data.path={prepared('ml-100k')}", "train.epochs=1"]
-    torchrun(2, "-m", "dist_tp", "train", *args, "--output", str(out))
+    args = ["configs/tiny.yaml", f"data.path={prepared('ml-100k')}", "train.epochs=5"]
+    decay = ["train.lr=1e-12", "train.patience=1", "train.lr_decays=1"]
+    torchrun(2, "-m", "dist_tp", "train", *args, *decay, "--output", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["existing"]["all"]["users"] == 754 and metrics["new"]["all"]["users"] == 189
     history = json.loads((out / "history.json").read_text())
     existing = load_sequences(prepared("ml-100k"), roles=["existing"])
     rows = training_rows(existing, max_len=10, all_positions=True)
     assert history[0]["windows"] == int(rows.windows.sum())
+    assert [h["lr"] for h in history] == pytest.approx([1e-12, 1e-12, 1e-13])
     assert (out / "checkpoint.pt").is_file() and (out / "last.pt").is_file()
 
 

@@ -80,6 +80,11 @@ class Stepper(Protocol):
         (TP: its discriminator's); a collective: called on every rank."""
         ...
 
+    def restart_optimizer(self, lr_scale: float) -> None:
+        """The optimizer afresh (no moments, step counts from zero) at the method's learning
+        rate × ``lr_scale`` (``train.lr_decays``); the rate is in ``state_dict()`` after."""
+        ...
+
 
 def comm_and_host(cfg, comm=None, host: Host | None = None) -> tuple[LocalComm, Host]:
     """A stepper's communicator and optimizer host: ``comm`` defaults to the host's (or a

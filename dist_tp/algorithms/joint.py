@@ -185,10 +185,11 @@ class JointStepper:
         self.steps_per_epoch = train.epoch_steps or None
         sparse = sparse_item_updates(cfg, model.num_items)
         model.set_sparse_items(sparse)  # before the host wraps it (DDP reads the tables' flag)
+        self.lr = step_lr(cfg, self.comm.world_size, "joint")
         self.opt = host.gradient_optimizer(
             JointLoss(model, cfg),
             OptimizerSpec(
-                lr=step_lr(cfg, self.comm.world_size, "joint"),
+                lr=self.lr,
                 weight_decay=train.weight_decay,
                 grad_clip=train.grad_clip,
                 sparse_rows=tuple(f"model.{n}" for n in model.item_table_names()) if sparse else (),
@@ -356,6 +357,9 @@ class JointStepper:
 
     def final_metrics(self) -> dict:
         return {}
+
+    def restart_optimizer(self, lr_scale: float) -> None:
+        self.opt.restart(self.lr * lr_scale)
 
     def state_dict(self) -> dict:
         """The optimizer's (or engine's) state; mid-epoch (called from ``on_step``, on every

@@ -47,6 +47,9 @@ OWNED = (
 )
 
 
+NO_RESTART = "train.lr_decays needs train.engine=plain: a DeepSpeed engine's optimizer is its own"
+
+
 def read_config(path: str) -> dict:
     """The DeepSpeed JSON at ``path`` (``train.deepspeed``), checked."""
     try:
@@ -247,6 +250,9 @@ class EngineGradientOptimizer:
             raise ConfigError("cannot resume: last.pt was written without DeepSpeed")
         self.engine.load_state_dict(state["engine"])
 
+    def restart(self, lr: float) -> None:
+        raise ConfigError(NO_RESTART)
+
 
 class _Surrogate(nn.Module):
     """Σ_p ⟨p, g_p⟩ over the parameters of ``modules``: its gradient is exactly g."""
@@ -280,3 +286,6 @@ class EngineOuter:
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_state_dict(state)
+
+    def restart(self, lr: float) -> None:
+        raise ConfigError(NO_RESTART)

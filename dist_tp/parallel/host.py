@@ -53,6 +53,10 @@ class GradientOptimizer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def restart(self, lr: float) -> None:
+        """Forget the optimizer's state (moments, step counts) and go on at rate ``lr``."""
+        ...
+
 
 class PseudoGradientOptimizer(Protocol):
     bytes_sent: int
@@ -62,6 +66,8 @@ class PseudoGradientOptimizer(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def restart(self, lr: float) -> None: ...
 
 
 class Host(Protocol):
@@ -110,6 +116,16 @@ def _load_rows(rows: RowAdam | None, state: dict) -> None:
         )
     if rows is not None:
         rows.load_state_dict(state["rows"])
+
+
+def _restart(opts: list[torch.optim.Optimizer | None], lr: float) -> None:
+    """Each optimizer as if new (its state is made again at its next step), at rate ``lr``."""
+    for opt in opts:
+        if opt is None:
+            continue
+        opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def _torch_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -204,6 +220,9 @@ class TorchGradientOptimizer:
         _load_rows(self.rows, state)
         self.opt.load_state_dict(state["optimizer"])
 
+    def restart(self, lr: float) -> None:
+        _restart([self.opt, self.rows], lr)
+
 
 def _data_parallel(module: nn.Module, ignore: tuple[str, ...] = ()) -> nn.Module:
     """DDP: its constructor broadcasts rank 0's parameters and buffers, and each backward
@@ -272,6 +291,9 @@ class TorchPseudoGradientOptimizer:
     def load_state_dict(self, state: dict) -> None:
         _load_rows(self.rows, state)
         self.opt.load_state_dict({k: v for k, v in state.items() if k != "rows"})
+
+    def restart(self, lr: float) -> None:
+        _restart([self.opt, self.rows], lr)
 
 
 class TorchHost:

@@ -59,6 +59,8 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     best: float = -math.inf
     since_best: int = 0
+    decays: int = 0
+    """Times the learning rate has been lowered so far (``train.lr_decays``)."""
 
 
 def checkpoint_state(modules: dict, cfg: Config, epoch: int, history: list, **extra) -> dict:
@@ -134,6 +136,7 @@ class RunCheckpoints:
             extra = {
                 "best": progress.best,
                 "since_best": progress.since_best,
+                "decays": progress.decays,
                 "stepper": stepper_state,
                 "next_step": progress.step,
                 "epoch_done": epoch_done,
@@ -158,7 +161,10 @@ class RunCheckpoints:
             module.load_state_dict(state[name])
         stepper.load_state_dict(state["stepper"])
         progress = Progress(
-            history=state["history"], best=state["best"], since_best=state["since_best"]
+            history=state["history"],
+            best=state["best"],
+            since_best=state["since_best"],
+            decays=state.get("decays", 0),
         )
         if state.get("epoch_done", True):
             progress.epoch = state["epoch"] + 1
@@ -185,7 +191,9 @@ class RunCheckpoints:
             save_checkpoint(self.best, checkpoint_state(modules, self.cfg, epoch, history))
 
     def restore_best(self, modules: dict) -> None:
-        """Load the best model back into ``modules``, if one was saved."""
+        """Load the best model back into ``modules``, if one was saved (every rank, once
+        rank 0's file is complete)."""
+        self.comm.barrier()
         if self.best.is_file():
             state = load_checkpoint(self.best)
             for name, module in modules.items():

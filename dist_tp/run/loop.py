@@ -2,7 +2,8 @@
 checkpoint, evaluate, and write the run folder (rank 0 writes; all ranks evaluate).
 
 The loop owns the run's state: epochs, validation after each (``train.eval_every``), early
-stopping on validation NDCG@10, checkpoints (:mod:`dist_tp.run.checkpoints`) and what is
+stopping on validation NDCG@10 (or, ``train.lr_decays`` times, a lower learning rate from the
+best weights instead), checkpoints (:mod:`dist_tp.run.checkpoints`) and what is
 reported to the tracker. The method is a :class:`dist_tp.algorithms.Stepper`; the optimizer
 host (:func:`dist_tp.parallel.host.build_host`) and the prepared data are built here once and
 handed down. Each stepper seeds its random streams per step from (seed, epoch, step, rank),
@@ -175,7 +176,8 @@ def fit(
                     tracker.log_metrics(step_metrics(window), step=step_no)
                     window.clear()
 
-        record = {"epoch": epoch, **stepper.run_epoch(epoch, first_step, on_step)}
+        lr = cfg.effective_lr(comm.world_size, cfg.train.method) * _lr_factor(cfg, progress)
+        record = {"epoch": epoch, **stepper.run_epoch(epoch, first_step, on_step), "lr": lr}
         validate = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         tracked: dict = {}  # this epoch's validation figures of every group, for MLflow
         if validate:
@@ -185,13 +187,41 @@ def fit(
         if comm.is_main:
             write_json(checkpoints.out / "history.json", progress.history)
             tracker.log_metrics({**epoch_metrics(record), **tracked}, step=epoch)
+        stalled = validate and progress.since_best >= cfg.train.patience
+        if stalled and progress.decays < cfg.train.lr_decays:
+            _lower_lr(stepper, cfg, progress, checkpoints)
+            stalled = False
         progress.step = 0
         checkpoints.save_last(stepper, progress, epoch_done=True)
-        if validate and progress.since_best >= cfg.train.patience:
+        if stalled:
             log.info(
                 "early stop: no better validation NDCG@10 for %d evaluations", progress.since_best
             )
             break
+
+
+def _lr_factor(cfg: Config, progress: Progress) -> float:
+    """The factor on the learning rate after the decays so far (``train.lr_decays``)."""
+    return cfg.train.lr_decay**progress.decays
+
+
+def _lower_lr(
+    stepper: Stepper, cfg: Config, progress: Progress, checkpoints: RunCheckpoints
+) -> None:
+    """Validation ran out of patience with a decay left: the best weights come back and the
+    optimizer starts afresh at the next lower rate; patience counts again."""
+    progress.decays += 1
+    progress.since_best = 0
+    checkpoints.restore_best(stepper.modules())
+    stepper.restart_optimizer(_lr_factor(cfg, progress))
+    log.info(
+        "no better validation NDCG@10 for %d evaluations: the best weights so far go on at "
+        "learning rate x %g (decay %d of %d)",
+        cfg.train.patience,
+        _lr_factor(cfg, progress),
+        progress.decays,
+        cfg.train.lr_decays,
+    )
 
 
 def _validate(

@@ -27,6 +27,7 @@ EPOCH_KEYS = {
     "loss": "train/loss",
     "windows_per_s": "train/windows_per_s",
     "seconds": "train/seconds",
+    "lr": "train/lr",
     "disc_loss": "train/disc_loss",
     "disc_acc": "train/disc_acc",
     "disc_auc": "train/disc_auc",

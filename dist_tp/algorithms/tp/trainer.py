@@ -99,12 +99,13 @@ class TPStepper:
         self.params = list(model.parameters()) + (
             [] if self.disc is None else list(self.disc.parameters())
         )
+        # train.lr (tp.outer_lr, when given, equals it), after train.lr_scaling
+        self.lr = step_lr(cfg, self.comm.world_size, "tp")
         # the host starts every rank from rank 0's parameters and averages the steps' input
         self.outer = host.pseudo_gradient_optimizer(
             self.modules(),
             OptimizerSpec(
-                # train.lr (tp.outer_lr, when given, equals it), after train.lr_scaling
-                lr=step_lr(cfg, self.comm.world_size, "tp"),
+                lr=self.lr,
                 kind=tp.outer_optimizer,
                 compress=tp.compress,
                 sparse_rows=tuple(f"model.{n}" for n in self.inner.row_tables),
@@ -299,6 +300,9 @@ class TPStepper:
             self.model, self.disc, self.data, max_len=self.cfg.model.max_len, comm=self.comm
         )
         return {"discriminator": figures}
+
+    def restart_optimizer(self, lr_scale: float) -> None:
+        self.outer.restart(self.lr * lr_scale)
 
     def state_dict(self) -> dict:
         """The outer optimizer's state; mid-epoch also this rank's figures of the epoch so far
