@@ -39,7 +39,9 @@ RUNGS=(
                                                              #     windows per Adam step held)
   "$C/$B-tp.yaml $FROM1 --grid train.lr=0.0001"              # 12. rung 8 at Adam lr 1e-4
   "$C/$B.yaml $FROM1 --grid train.lr=0.0001"                 # 13. its control: joint training
-)                                                            #     from rung 1's weights at 1e-4
+                                                             #     from rung 1's weights at 1e-4
+  "$C/$B.yaml --grid train.lr_decays=1"                      # 14. rungs 1 and 13 in one run: the
+)                                                            #     backbone, lr x 0.1 at a stall
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
