@@ -141,8 +141,11 @@ class TrainConfig:
     """How many times validation running out of ``patience`` lowers the learning rate instead
     of stopping the run: the best weights so far come back, the optimizer starts afresh (TP:
     the outer one, the discriminator's parameters included) at its rate × ``lr_decay``, and
-    ``patience`` counts again. 0: a constant rate, the paper's. One decay at 0.1 is one run of
-    what the ladder's rung 13 does in two (``benchmarks/RESULTS.md``). Plain engine only."""
+    ``patience`` counts again. 0: a constant rate, the paper's. One decay at 0.1, with the
+    patience that would stop the constant-rate run and ``epochs`` raised for the lower rate,
+    scores as the ladder's rungs 1 and 13 together (a second run from the best weights at a
+    tenth of the rate); a shorter patience decays at the first dip of a noisy validation
+    curve (``benchmarks/RESULTS.md``, rung 14). Plain engine only."""
     lr_decay: float = 0.1
     """The factor on the learning rate at each of the ``lr_decays``, in (0, 1)."""
     eval_every: int = 1
