@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Crash
 from torch import nn
 
 import dist_tp.run.checkpoints as checkpoints
@@ -179,10 +180,6 @@ def test_a_stall_lowers_the_rate_from_the_best_weights_then_stops(
     Scripted(monkeypatch)
     run_training(_cfg(prepared, *extra), tmp_path / "constant")
     assert [h["lr"] for h in _history(tmp_path / "constant")] == pytest.approx([0.01] * 3)
-
-
-class Crash(Exception):
-    pass
 
 
 def test_a_run_killed_after_a_decay_resumes_at_the_lower_rate(prepared, tmp_path, monkeypatch):
