@@ -244,21 +244,29 @@ def tp_batch(cfg, lanes: int, seed: int = 1, negative_cdf=None):
 
 
 class Crash(Exception):
-    """Raised by :func:`crash_after_checkpoint`: the run dies right after a mid-epoch save."""
+    """Raised by :func:`crash_after_checkpoint`: the run dies right after a save."""
 
 
-def crash_after_checkpoint(monkeypatch, run, out: Path, next_step: int) -> None:
-    """Call ``run(out)`` with the run dying right after its mid-epoch ``last.pt`` of step
-    ``next_step`` is written (the file is whole, as after a kill); saving is restored after."""
+def crash_after_checkpoint(
+    monkeypatch, run, out: Path, next_step: int | None = None, *, epoch: int | None = None
+) -> None:
+    """Call ``run(out)`` with the run dying right after a ``last.pt`` is written (the file is
+    whole, as after a kill): the mid-epoch one of step ``next_step``, or, given ``epoch``, the
+    one at the end of that epoch. Saving is restored after."""
     import dist_tp.run.checkpoints as checkpoints
 
+    assert (next_step is None) != (epoch is None), "give next_step or epoch"
     save = checkpoints.save_checkpoint
+
+    def dies_after(state) -> bool:
+        if epoch is not None:
+            return state["epoch_done"] and state["epoch"] == epoch
+        return not state["epoch_done"] and state["next_step"] == next_step
 
     def save_then_crash(path, state):
         save(path, state)
-        if Path(path).name == "last.pt" and not state["epoch_done"]:
-            if state["next_step"] == next_step:
-                raise Crash
+        if Path(path).name == "last.pt" and dies_after(state):
+            raise Crash
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     try:

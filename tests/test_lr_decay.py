@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Crash
+from helpers import crash_after_checkpoint
 from torch import nn
 
-import dist_tp.run.checkpoints as checkpoints
 import dist_tp.run.loop as loop
 from dist_tp.algorithms.joint import JointStepper
 from dist_tp.algorithms.tp.trainer import TPStepper
@@ -186,18 +185,10 @@ def test_a_run_killed_after_a_decay_resumes_at_the_lower_rate(prepared, tmp_path
     cfg = _cfg(prepared, "train.lr_decays=1")
     Scripted(monkeypatch)
     whole = run_training(cfg, tmp_path / "whole")
-    save = checkpoints.save_checkpoint
-
-    def save_then_crash(path, state):
-        save(path, state)
-        if Path(path).name == "last.pt" and state["epoch"] == 2:
-            raise Crash
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     Scripted(monkeypatch)
-    with pytest.raises(Crash):
-        run_training(cfg, tmp_path / "killed")
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+    crash_after_checkpoint(
+        monkeypatch, lambda folder: run_training(cfg, folder), tmp_path / "killed", epoch=2
+    )
     Scripted(monkeypatch, start=3)
     resumed = run_training(cfg, tmp_path / "killed", resume=True)
     assert [h["lr"] for h in _history(tmp_path / "killed")] == pytest.approx(
