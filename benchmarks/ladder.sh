@@ -41,7 +41,9 @@ RUNGS=(
   "$C/$B.yaml $FROM1 --grid train.lr=0.0001"                 # 13. its control: joint training
                                                              #     from rung 1's weights at 1e-4
   "$C/$B.yaml --grid train.lr_decays=1"                      # 14. rungs 1 and 13 in one run: the
-)                                                            #     backbone, lr x 0.1 at a stall
+                                                             #     backbone, lr x 0.1 at a stall
+  "$C/$B-tp.yaml --grid train.lr_decays=1"                   # 15. rung 14 for the -tp config
+)                                                            #     (rungs 5 and 12 in one run)
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
