@@ -42,8 +42,8 @@ RUNGS=(
                                                              #     from rung 1's weights at 1e-4
   "$C/$B.yaml --grid train.lr_decays=1"                      # 14. rungs 1 and 13 in one run: the
                                                              #     backbone, lr x 0.1 at a stall
-  "$C/$B-tp.yaml --grid train.lr_decays=1"                   # 15. rung 14 for the -tp config
-)                                                            #     (rungs 5 and 12 in one run)
+  "$C/$B-tp.yaml --grid train.lr_decays=1"                   # 15. rung 14 for the -tp config:
+)                                                            #     TP, lr x 0.1 at a stall
 jobs() {
   for i in "${!RUNGS[@]}"; do
     rung=${RUNGS[$i]}
